@@ -219,6 +219,9 @@ class TrainConfig(Section):
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; default once per epoch.")
     save_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N steps; default once per epoch.")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most N checkpoints.")
+    save_checkpoints: bool = Field(
+        True, description="Write intermediate checkpoints (`checkpoint-N/`); the final adapter is always saved."
+    )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop when `metric_for_best_model` has not improved for N evaluations."
     )
@@ -314,6 +317,8 @@ def combination_problems(recipe: Recipe) -> list[str]:
         )
     if a.use_dora and a.type == "none":
         problems.append("adapter.use_dora needs a LoRA adapter; adapter.type is none.")
+    if recipe.train.load_best_model_at_end and not recipe.train.save_checkpoints:
+        problems.append("train.load_best_model_at_end needs checkpoints to choose from: set train.save_checkpoints: true.")
     if recipe.train.load_best_model_at_end or recipe.train.early_stopping_patience:
         if not (recipe.data.eval or recipe.data.eval_fraction):
             problems.append(
@@ -482,7 +487,9 @@ def format_errors(exc: ValidationError) -> list[str]:
             msg += f" Did you mean '{hint[0]}'?" if hint else f" Allowed keys: {', '.join(allowed)}."
         elif kind == "missing":
             field = _field_at(loc)
-            what = f" ({field.description.rstrip('.')})" if field is not None and field.description else ""
+            section = _section_type(field.annotation) if field is not None else None
+            doc = (field.description if field is not None else None) or (section.__doc__ if section else None)
+            what = f" ({doc.strip().rstrip('.')})" if doc else ""
             msg = f"{where}: required key is missing{what}."
         elif kind in ("literal_error", "enum"):
             allowed = [str(a) for a in _literal_values(_field_at(loc))]

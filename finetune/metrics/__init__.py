@@ -1,0 +1,133 @@
+"""Classification metrics that work offline: `evaluate` modules shipped with the kit, and a report built on them.
+
+`evaluate.load("accuracy")` needs the Hugging Face Hub (the evaluate wheel ships no metric scripts), so the
+kit ships its own modules in evaluate's format next to this file and loads them by path. Each one is a
+single self-contained script: evaluate copies it into `HF_MODULES_CACHE` and imports it from there, so it
+cannot import from this package.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from finetune.errors import FinetuneError
+from finetune.metrics.plots import plot_confusion_matrix
+
+if TYPE_CHECKING:
+    import evaluate
+
+__all__ = ["SHIPPED", "METRICS_DIR", "load_metric", "classification_report", "plot_confusion_matrix"]
+
+SHIPPED = ("accuracy", "f1", "precision", "recall", "confusion_matrix")
+METRICS_DIR = Path(__file__).resolve().parent
+_AVERAGES = ("macro", "micro", "weighted")
+
+
+def load_metric(name: str, config_name: str | None = None, **load_kwargs: Any) -> evaluate.EvaluationModule:
+    """Load a metric: a shipped name (works offline), a path to an evaluate script or folder, else a hub name.
+
+    Shipped names win over the hub; ask for the hub's own module as `evaluate-metric/<name>`.
+    `config_name="multilabel"` selects multi-hot inputs. Results are kept in memory unless
+    `keep_in_memory=False` is passed (it must be, for distributed evaluation with `num_process > 1`).
+    """
+    import evaluate  # slow to import (pulls in datasets): only when a metric is needed
+
+    load_kwargs.setdefault("keep_in_memory", load_kwargs.get("num_process", 1) == 1)
+    if name in SHIPPED:
+        return evaluate.load(str(METRICS_DIR / f"{name}.py"), config_name, **load_kwargs)
+    path = Path(name).expanduser()
+    if path.exists() or name.endswith(".py") or name.startswith((".", "/", "~")):
+        return evaluate.load(_script_path(path), config_name, **load_kwargs)
+    try:
+        return evaluate.load(name, config_name, **load_kwargs)
+    except ImportError as err:  # the hub script needs a package that is not installed
+        raise FinetuneError(f"metric {name!r}: {err}") from err
+    except OSError as err:  # FileNotFoundError offline or for an unknown name; ConnectionError
+        close = difflib.get_close_matches(name, SHIPPED, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise FinetuneError(
+            f"metric {name!r} is not shipped with finetune-kit and could not be loaded from the Hugging Face Hub "
+            f"(offline, or no such metric).{hint} Metrics that work offline: {', '.join(SHIPPED)}; "
+            "or give the path to an evaluate metric script."
+        ) from err
+
+
+def _script_path(path: Path) -> str:
+    """The script evaluate would load for `path`, checked here so a bad path is a user error, not a hub lookup."""
+    script = path / f"{path.name}.py" if path.is_dir() else path
+    if script.suffix != ".py" or not script.is_file():
+        expected = f"a folder holding {path.name}.py" if path.is_dir() else "a .py file"
+        raise FinetuneError(f"no evaluate metric script at {path}: expected {expected}")
+    return str(script.resolve())
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped(name: str, config_name: str | None) -> evaluate.EvaluationModule:
+    """One loaded module per (metric, config): `compute` resets its state, so reuse is safe and skips reloading."""
+    return load_metric(name, config_name)
+
+
+def classification_report(
+    predictions: Any, references: Any, label_names: list[str], multi_label: bool = False
+) -> dict[str, Any]:
+    """Accuracy, macro/micro/weighted precision-recall-F1, per-class scores and the confusion matrix.
+
+    Computed through the shipped evaluate modules, so the numbers match what `eval.metrics` reports.
+    Single-label: `predictions`/`references` are class ids in `[0, len(label_names))`. Multi-label: multi-hot
+    rows of width `len(label_names)`; accuracy is then subset accuracy (every label of a row right) and the
+    confusion matrix is one `[[TN, FP], [FN, TP]]` per label. Every class counts in the macro averages even
+    when absent from the data, and a score whose denominator is zero is 0 (scikit-learn's `zero_division=0`).
+    """
+    predictions, references = np.asarray(predictions), np.asarray(references)
+    _check_shapes(predictions, references, len(label_names), multi_label)
+    config = "multilabel" if multi_label else None
+    labels = list(range(len(label_names)))
+    inputs = {"predictions": predictions, "references": references}
+
+    report: dict[str, Any] = {
+        "num_examples": len(references),
+        "accuracy": _shipped("accuracy", config).compute(**inputs)["accuracy"],
+    }
+    per_class: dict[str, list[float]] = {}
+    for name in ("precision", "recall", "f1"):
+        metric = _shipped(name, config)
+        for average in _AVERAGES:
+            scores = metric.compute(**inputs, labels=labels, average=average, zero_division=0)
+            report[f"{name}_{average}"] = scores[name]
+        per_class[name] = metric.compute(**inputs, labels=labels, average=None, zero_division=0)[name]
+
+    matrix = _shipped("confusion_matrix", config).compute(**inputs, labels=labels)["confusion_matrix"]
+    # Support is the number of rows whose true label is the class: a row sum, or FN + TP per label.
+    support = [sum(row) for row in matrix] if not multi_label else [fn + tp for _, (fn, tp) in matrix]
+    report["per_class"] = {
+        label: {
+            "precision": per_class["precision"][i],
+            "recall": per_class["recall"][i],
+            "f1": per_class["f1"][i],
+            "support": int(support[i]),
+        }
+        for i, label in enumerate(label_names)
+    }
+    report["labels"] = list(label_names)
+    report["confusion_matrix"] = matrix
+    return report
+
+
+def _check_shapes(predictions: np.ndarray, references: np.ndarray, num_labels: int, multi_label: bool) -> None:
+    """Catch ids or widths that do not match `label_names`; scikit-learn would silently drop such labels."""
+    if predictions.shape != references.shape:
+        raise ValueError(f"predictions {predictions.shape} and references {references.shape} differ in shape")
+    if multi_label:
+        if predictions.ndim != 2 or predictions.shape[1] != num_labels:
+            raise ValueError(f"multi-label rows must be multi-hot of width {num_labels}, got shape {predictions.shape}")
+    elif predictions.ndim != 1:
+        raise ValueError(f"single-label predictions must be a 1-d sequence of class ids, got shape {predictions.shape}")
+    else:
+        ids = np.concatenate([predictions, references])
+        if ids.size and (ids.min() < 0 or ids.max() >= num_labels):
+            raise ValueError(f"class ids must lie in [0, {num_labels}), got {ids.min()}..{ids.max()}")

@@ -1,0 +1,191 @@
+"""The recipe schema: every shipped recipe validates, bad recipes give exact messages, docs cannot drift."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from finetune.errors import RecipeError
+from finetune.recipe import load_recipe, reference_markdown, validate_recipe
+
+MINIMAL = {"model": {"name_or_path": "some/model"}, "data": {"train": "train.jsonl"}, "output": {"dir": "out"}}
+
+
+def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def write_recipe(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def recipe_files() -> list[Path]:
+    """Every YAML under recipes/, recursively, except data files (recipes/**/data/)."""
+    return sorted(p for p in (REPO / "recipes").rglob("*.y*ml") if "data" not in p.relative_to(REPO / "recipes").parts)
+
+
+def test_every_shipped_recipe_validates_with_the_cli_loader():
+    files = recipe_files()
+    assert len(files) >= 1, "no recipes found under recipes/"
+    validated = 0
+    for path in files:
+        load_recipe(path)  # the loader `finetune train/validate` use; raises RecipeError on any problem
+        validated += 1
+    assert validated == len(files)
+    print(f"validated {validated} recipes")
+
+
+def test_minimal_recipe_fills_documented_defaults():
+    recipe = validate_recipe(MINIMAL)
+    assert recipe.task == "sft"
+    assert recipe.adapter.type == "lora" and recipe.adapter.target_modules == ["all-linear"]
+    assert recipe.train.precision == "auto"
+    assert recipe.data.train[0].path == "train.jsonl"
+
+
+def test_shorthands():
+    recipe = validate_recipe({**MINIMAL, "adapter": "none", "train": {"report_to": "tensorboard"}})
+    assert recipe.adapter.type == "none"
+    assert recipe.train.report_to == ["tensorboard"]
+
+
+def test_typo_gives_did_you_mean(tmp_path):
+    path = write_recipe(tmp_path, {**MINIMAL, "train": {"learnig_rate": 1e-4}})
+    result = cli("validate", str(path))
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"error: 1 problem in {path}:\n  - train.learnig_rate: unknown key. Did you mean 'learning_rate'?\n"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_section_lists_allowed_keys():
+    with pytest.raises(RecipeError) as err:
+        validate_recipe({**MINIMAL, "trainer": {}})
+    assert err.value.problems == ["trainer: unknown key. Did you mean 'train'?"]
+    with pytest.raises(RecipeError) as err:
+        validate_recipe({**MINIMAL, "zzz": 1})
+    assert err.value.problems[0].startswith("zzz: unknown key. Allowed keys: task, model, adapter, quantization, data,")
+
+
+def test_wrong_type_says_what_was_expected(tmp_path):
+    path = write_recipe(tmp_path, {**MINIMAL, "train": {"micro_batch_size": "four"}})
+    result = cli("validate", str(path))
+    assert result.returncode == 2
+    assert "  - train.micro_batch_size: expected an integer, got 'four' (str).\n" in result.stderr
+
+
+def test_missing_required_field_names_it(tmp_path):
+    path = write_recipe(tmp_path, {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}})
+    result = cli("validate", str(path))
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"error: 1 problem in {path}:\n"
+        "  - output: required key is missing (Where the adapter, tokenizer, resolved recipe, metrics and plots are written).\n"
+    )
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    path = write_recipe(
+        tmp_path,
+        {
+            "model": {"name_or_path": "m"},
+            "adapter": {"type": "lorra", "r": 0},
+            "data": {"train": "t.jsonl"},
+            "train": {"optimizer": "adam"},
+            "output": {"dir": "o"},
+        },
+    )
+    result = cli("validate", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: 3 problems in {path}:",
+        "  - adapter.type: 'lorra' is not allowed; choose one of: lora, qlora, none. Did you mean 'lora'?",
+        "  - adapter.r: must be greater than 0, got 0.",
+        "  - train.optimizer: 'adam' is not allowed; choose one of: adamw_torch, adamw_8bit, paged_adamw_8bit, "
+        "paged_adamw_32bit, adafactor, sgd.",
+    ]
+
+
+def test_overrides_go_through_validation(tmp_path):
+    path = write_recipe(tmp_path, MINIMAL)
+    recipe = load_recipe(path, ["train.learning_rate=1e-3", "adapter.target_modules=[q_proj, v_proj]", "data.packing=true"])
+    assert recipe.train.learning_rate == 1e-3
+    assert recipe.adapter.target_modules == ["q_proj", "v_proj"]
+    assert recipe.data.packing is True
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, ["train.epocs=2", "train.learning_rate=fast"])
+    assert err.value.problems == [
+        "train.learning_rate: expected a number, got 'fast' (str).",
+        "train.epocs: unknown key. Did you mean 'epochs'?",
+    ]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, ["no_equals_sign"])
+    assert err.value.problems == ["override 'no_equals_sign': expected key.path=value"]
+
+
+def test_cross_field_problem_names_keys():
+    with pytest.raises(RecipeError) as err:
+        validate_recipe({**MINIMAL, "data": {"train": "t.jsonl", "eval": "e.jsonl", "eval_fraction": 0.1}})
+    assert err.value.problems == ["data: set either data.eval or data.eval_fraction, not both"]
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    result = cli("validate", str(bad))
+    assert result.returncode == 2 and result.stderr.startswith(f"error: 1 problem in {bad}:\n  - not valid YAML:")
+    result = cli("validate", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert result.stderr == f"error: 1 problem:\n  - recipe file not found: {tmp_path / 'nope.yaml'}\n"
+
+
+def test_validate_checks_data_files_exist(tmp_path):
+    path = write_recipe(tmp_path, {**MINIMAL, "data": {"train": str(tmp_path / "missing.jsonl")}})
+    result = cli("validate", str(path))
+    assert result.returncode == 2
+    assert f"  - data.train: data file not found: {tmp_path / 'missing.jsonl'}\n" in result.stderr
+
+
+def test_resolved_recipe_redacts_secrets(tmp_path):
+    from finetune.recipe import _redact
+
+    assert _redact({"hub": {"token": "hf_abc", "name": "x"}, "api_key": ""}) == {
+        "hub": {"token": "<redacted>", "name": "x"},
+        "api_key": "",
+    }
+
+
+def test_readme_reference_is_generated_from_schema():
+    readme = (REPO / "README.md").read_text()
+    assert reference_markdown() in readme, "README recipe reference is stale: run `python scripts/gen_readme_reference.py`"
+
+
+def test_explain_key_and_typo():
+    result = cli("explain", "train.learning_rate")
+    assert result.returncode == 0
+    assert result.stdout == "train.learning_rate (float, default `0.0002`): Peak learning rate.\n"
+    result = cli("explain", "train.learnig_rate")
+    assert result.returncode == 2
+    assert "train.learnig_rate: no such recipe key. Did you mean 'train.learning_rate'?" in result.stderr
+
+
+def test_every_command_help_exits_zero():
+    from finetune.cli import build_parser
+
+    parser = build_parser()
+    commands = list(parser._subparsers._group_actions[0].choices)
+    assert {"train", "validate", "explain", "chat"} <= set(commands)
+    for command in [None, *commands]:
+        result = cli(*([command] if command else []), "--help")
+        assert result.returncode == 0, (command, result.stderr)
+        assert "usage:" in result.stdout
+    run_py = subprocess.run([sys.executable, str(REPO / "finetune" / "run.py"), "--help"], capture_output=True, text=True)
+    assert run_py.returncode == 0 and "usage:" in run_py.stdout
