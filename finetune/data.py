@@ -285,9 +285,9 @@ def check_stop_token(tokenizer, generation_config) -> tuple[list[int], str | Non
     """
     turn_end, tail = end_of_turn_token(tokenizer)
     eos = generation_config.eos_token_id if generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
-        eos_ids.append(tokenizer.eos_token_id)
     if turn_end is None:
         return eos_ids, (
             "the chat template puts nothing after an assistant message, so the model cannot learn where a turn ends; "

@@ -35,6 +35,7 @@ class Plan:
     threads: int
     threads_note: str
     deepspeed: str | None
+    rows_before_packing: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +46,8 @@ class Plan:
         if self.quantization != "none":
             weights += f" quantized ({self.weight_mb_unquantized:,.1f} MB unquantized, {self.weight_mb_unquantized / max(self.weight_mb, 1e-9):.1f}x)"
         rows = f"{self.train_rows:,} train / {self.eval_rows:,} eval"
+        if self.rows_before_packing is not None:
+            rows = f"{self.rows_before_packing:,} train rows packed into {self.train_rows:,} sequences / {self.eval_rows:,} eval"
         if self.skipped_rows:
             rows += f" ({self.skipped_rows:,} unusable rows skipped)"
         lines = [
@@ -82,7 +85,8 @@ def optimizer_steps(recipe: Recipe, train_rows: int, processes: int) -> tuple[in
 
 
 def make_plan(
-    recipe: Recipe, runtime: Runtime, counts: ParamCounts, train_rows: int, eval_rows: int, skipped: int, model_name: str
+    recipe: Recipe, runtime: Runtime, counts: ParamCounts, train_rows: int, eval_rows: int, skipped: int, model_name: str,
+    rows_before_packing: int | None = None,
 ) -> Plan:
     t = recipe.train
     steps, epochs = optimizer_steps(recipe, train_rows, runtime.world_size)
@@ -119,4 +123,5 @@ def make_plan(
         threads=runtime.num_threads,
         threads_note=runtime.threads_note,
         deepspeed=recipe.deepspeed,
+        rows_before_packing=rows_before_packing,
     )

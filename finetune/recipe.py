@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -539,14 +540,13 @@ def _literal_values(field) -> list:
 # Saving and documenting
 # --------------------------------------------------------------------------------------------
 
-_SECRET_WORDS = ("token", "password", "secret", "api_key")
+# Keys that hold credentials: `token`, `hub_token`, `password`, `api_key`... (not `max_new_tokens`).
+_SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key|access_key)$", re.IGNORECASE)
 
 
 def _redact(value: Any) -> Any:
     if isinstance(value, dict):
-        return {
-            k: ("<redacted>" if any(w in k.lower() for w in _SECRET_WORDS) and v else _redact(v)) for k, v in value.items()
-        }
+        return {k: ("<redacted>" if _SECRET_KEY.search(k) and v else _redact(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v) for v in value]
     return value

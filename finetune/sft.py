@@ -68,11 +68,6 @@ def run_sft(recipe: Recipe):
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model = attach_adapter(model, recipe, task_type="CAUSAL_LM")
 
-    counts = count_parameters(model, dtype_bytes(runtime.dtype_name))
-    plan = make_plan(recipe, runtime, counts, len(train_ds), len(eval_ds) if eval_ds else 0, skipped, recipe.model.name_or_path)
-    if runtime.is_main:
-        print(plan.render(), flush=True)
-
     args = training_arguments(
         recipe,
         runtime,
@@ -91,6 +86,14 @@ def run_sft(recipe: Recipe):
         processing_class=tokenizer,
         callbacks=callbacks(recipe),
     )
+    # The plan comes after the trainer is built: packing happens in its dataset preparation and changes the steps.
+    counts = count_parameters(trainer.model, dtype_bytes(runtime.dtype_name))
+    plan = make_plan(
+        recipe, runtime, counts, len(trainer.train_dataset), len(eval_ds) if eval_ds else 0, skipped,
+        recipe.model.name_or_path, rows_before_packing=len(train_ds) if recipe.data.packing else None,
+    )
+    if runtime.is_main:
+        print(plan.render(), flush=True)
     trainer.train()
     trainer.save_model(str(out))  # PEFT adapter folder (gathered from all ranks under ZeRO-3) + tokenizer
     extra = {"skipped_rows": skipped}

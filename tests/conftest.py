@@ -90,6 +90,9 @@ def build_tiny_llama(folder: Path, hidden: int = 32, layers: int = 2, seed: int 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        # With the default 0.02, |logits| stay below ~1 whatever the frozen head sees, so a LoRA on such a
+        # small model could never make a confident prediction and "loss falls" would test nothing.
+        initializer_range=0.2,
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(

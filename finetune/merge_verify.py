@@ -1,0 +1,221 @@
+"""Loading a base with its adapter through PEFT: the reference a merge is checked against, the fallback merge,
+and the optional bitsandbytes export of a merged model.
+
+Models are loaded one at a time and freed before the next, so checking a merge needs memory for one model in
+fp32 (4 bytes per parameter), not two.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.errors import FinetuneError
+
+log = logging.getLogger(__name__)
+
+# Default tolerance = RELATIVE_TOLERANCE[dtype] x max(1, largest |reference logit|). The reference is base + adapter
+# computed by PEFT in fp32; the merged model is loaded from disk and also run in fp32, so the difference is
+# (a) fp32 reassociation, W'x vs Wx + B(Ax): ~1e-6 of the logit scale, and (b) rounding every merged weight to the
+# saved dtype: half an ulp, 2^-9 relative for bf16 (8-bit mantissa), 2^-12 for fp16, which grows through the
+# layers to ~0.1-1% of the logit scale. Each value leaves ~10x headroom over what tests and the benchmark measure
+# while a merge that drops or double-counts a module's update is still far outside it.
+RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "Write one sentence about the sea and the mountains.",
+    "Question: what is two plus three? Answer:",
+)
+MAX_TOKENS = 128
+
+
+@dataclass
+class Verification:
+    """Merged logits vs base + adapter logits on the same inputs."""
+
+    prompts: int
+    tokens: int
+    max_abs_logit_diff: float
+    max_abs_logit: float
+    tolerance: float
+    tolerance_rule: str
+    passed: bool
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextmanager
+def quiet_transformers():
+    """Silence load reports and progress bars while the merge loads models it checks itself."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _free(*objects) -> None:
+    del objects
+    gc.collect()
+
+
+def load_base_with_adapter(
+    base_dir: Path, adapter_dir: Path, model_class, overrides: dict, vocab_size: int | None
+):
+    """Base in fp32 with the adapter attached (unmerged), as PEFT runs it. `overrides` set config fields such as
+    the classification labels; `vocab_size` resizes the embeddings first when the run resized them."""
+    from peft import PeftModel
+
+    with quiet_transformers():
+        model = model_class.from_pretrained(base_dir, dtype=torch.float32, **overrides)
+        if vocab_size is not None and vocab_size != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(vocab_size)
+        try:
+            model = PeftModel.from_pretrained(model, adapter_dir)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise FinetuneError(f"PEFT cannot load adapter {adapter_dir} onto base {base_dir}: {exc}") from None
+    return model.eval()
+
+
+def peft_merge(
+    base_dir: Path, adapter_dir: Path, model_class, overrides: dict, vocab_size: int | None,
+    dtype: torch.dtype, out_dir: Path, max_shard_size: int,
+) -> None:  # fmt: skip
+    """Merge with PEFT's `merge_and_unload` into the fp32 base, then cast and save (needs the whole model in RAM)."""
+    model = load_base_with_adapter(base_dir, adapter_dir, model_class, overrides, vocab_size)
+    with quiet_transformers():
+        merged = model.merge_and_unload(safe_merge=True).to(dtype)
+        merged.config.dtype = dtype
+        merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    _free(model, merged)
+
+
+def verification_inputs(tokenizer_dir: Path | None, prompts: list[str], vocab_size: int) -> list[torch.Tensor]:
+    """Token ids of the prompts (plus one chat-formatted prompt when the tokenizer has a template)."""
+    if tokenizer_dir is None:  # no tokenizer anywhere: fixed id sequences still exercise every layer
+        return [torch.arange(1, 17).remainder(vocab_size).unsqueeze(0) + i for i in range(3)]
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = list(prompts)
+    if getattr(tokenizer, "chat_template", None):
+        texts.append(tokenizer.apply_chat_template([{"role": "user", "content": prompts[0]}], tokenize=False,
+                                                   add_generation_prompt=True))  # fmt: skip
+    inputs = []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=MAX_TOKENS)["input_ids"]
+        if ids.shape[1]:
+            inputs.append(ids)
+    return inputs
+
+
+@torch.no_grad()
+def logits_of(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [model(input_ids=ids).logits.float() for ids in inputs]
+
+
+def load_merged(out_dir: Path, model_class, **kwargs):
+    """Load the merged folder with plain transformers; any missing, unexpected or resized weight is an error."""
+    with quiet_transformers():
+        model, info = model_class.from_pretrained(out_dir, output_loading_info=True, **kwargs)
+    problems = {k: sorted(map(str, v)) for k, v in info.items() if k != "error_msgs" and v}
+    if problems:
+        raise FinetuneError(f"the merged checkpoint does not load cleanly with transformers: {problems}")
+    return model.eval()
+
+
+def default_tolerance(dtype: torch.dtype, max_abs_logit: float) -> tuple[float, str]:
+    rel = RELATIVE_TOLERANCE[dtype]
+    return rel * max(1.0, max_abs_logit), f"{rel:g} x max(1, max |reference logit|) for {str(dtype).removeprefix('torch.')}"
+
+
+def verify_merge(
+    out_dir: Path, base_dir: Path, adapter_dir: Path, model_class, overrides: dict, vocab_size: int | None,
+    inputs: list[torch.Tensor], dtype: torch.dtype, tolerance: float | None,
+) -> tuple[Verification, list[torch.Tensor]]:  # fmt: skip
+    """Compare the merged model (from disk, run in fp32) with base + adapter through PEFT (fp32)."""
+    started = time.perf_counter()
+    reference_model = load_base_with_adapter(base_dir, adapter_dir, model_class, overrides, vocab_size)
+    reference = logits_of(reference_model, inputs)
+    _free(reference_model)
+    merged_model = load_merged(out_dir, model_class, dtype=torch.float32)
+    merged = logits_of(merged_model, inputs)
+    _free(merged_model)
+
+    diff = max(float((a - b).abs().max()) for a, b in zip(reference, merged))
+    scale = max(float(r.abs().max()) for r in reference)
+    if tolerance is None:
+        tolerance, rule = default_tolerance(dtype, scale)
+    else:
+        rule = "given (--tolerance / merge.tolerance)"
+    result = Verification(
+        prompts=len(inputs),
+        tokens=sum(ids.shape[1] for ids in inputs),
+        max_abs_logit_diff=diff,
+        max_abs_logit=scale,
+        tolerance=tolerance,
+        tolerance_rule=rule,
+        passed=diff <= tolerance,
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    return result, merged
+
+
+def quantize_export(
+    merged_dir: Path, out_dir: Path, bits: int, model_class, inputs: list[torch.Tensor],
+    merged_logits: list[torch.Tensor] | None,
+) -> dict:  # fmt: skip
+    """Save a bitsandbytes 4-bit (nf4, double quant) or 8-bit copy of the merged model and check it reloads.
+
+    The head and output embeddings stay in full precision (transformers' default). Reports how far the
+    reloaded quantized model's logits are from the full-precision merge: that is rounding, not a merge error.
+    """
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise FinetuneError("--quantize needs bitsandbytes: pip install 'finetune-kit[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32 if not torch.cuda.is_available() else torch.bfloat16,
+        )  # fmt: skip
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with quiet_transformers():
+        model = model_class.from_pretrained(merged_dir, quantization_config=config, device_map=device)
+        # Save before any forward pass: on CPUs with AVX512-bf16, bitsandbytes repacks 4-bit weights on the first
+        # forward and the repacked state does not round-trip through save_pretrained exactly.
+        model.save_pretrained(out_dir)
+    _free(model)
+    reloaded = load_merged(out_dir, model_class, device_map=device)
+    with quiet_transformers():
+        logits = logits_of(reloaded, [ids.to(device) for ids in inputs])
+    _free(reloaded)
+    report = {"bits": bits, "quant_type": "nf4" if bits == 4 else "int8", "device": device}
+    if merged_logits is not None:
+        report["max_abs_logit_diff_vs_merged"] = max(
+            float((a.cpu() - b).abs().max()) for a, b in zip(logits, merged_logits)
+        )
+    return report

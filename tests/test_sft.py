@@ -1,0 +1,189 @@
+"""SFT with LoRA on a tiny Llama: what the method guarantees, what a run leaves behind, and the launchers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from finetune.recipe import validate_recipe
+
+CAPITALS = {"france": "paris", "england": "london", "italy": "rome", "germany": "berlin", "spain": "madrid"}
+
+
+def capitals_data(path: Path, n: int = 40) -> Path:
+    rng = random.Random(0)
+    with path.open("w") as fh:
+        for _ in range(n):
+            country = rng.choice(list(CAPITALS))
+            row = {
+                "messages": [
+                    {"role": "user", "content": f"what is the capital of {country}"},
+                    {"role": "assistant", "content": CAPITALS[country]},
+                ]
+            }
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def sft_recipe(model_dir: Path, tmp_path: Path, **sections) -> dict:
+    recipe = {
+        "model": {"name_or_path": str(model_dir)},
+        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(capitals_data(tmp_path / "train.jsonl")), "max_length": 64},
+        "train": {
+            "epochs": 6,
+            "micro_batch_size": 8,
+            "learning_rate": 3e-2,
+            "warmup_ratio": 0.0,
+            "logging_steps": 1,
+            "save_checkpoints": False,
+            "num_threads": 1,
+        },
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama_dir, tmp_path_factory):
+    """One LoRA SFT run shared by the tests that inspect its results."""
+    from finetune.train import run
+
+    tmp = tmp_path_factory.mktemp("sft")
+    recipe = validate_recipe(sft_recipe(tiny_llama_dir, tmp, data={"eval_fraction": 0.2}, eval={"prompts": ["what is the capital of italy"]}))
+    return recipe, run(recipe)
+
+
+def test_loss_falls_on_learnable_task(trained):
+    _, result = trained
+    losses = [h["loss"] for h in result.metrics["log_history"] if "loss" in h]
+    assert len(losses) >= 10
+    # Random init: loss ≈ ln(vocab) ≈ 4.8; the capitals are learnable, so the last losses are far below.
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
+    evals = [h["eval_loss"] for h in result.metrics["log_history"] if "eval_loss" in h]
+    assert evals[-1] < evals[0]
+
+
+def test_base_weights_frozen_and_adapter_trained(trained, tiny_llama_dir):
+    from safetensors.torch import load_file
+
+    _, result = trained
+    original = load_file(str(tiny_llama_dir / "model.safetensors"))
+    base = result.model.get_base_model()
+    state = {k: v for k, v in base.state_dict().items() if "lora_" not in k}
+    checked = 0
+    for name, tensor in original.items():
+        key = name if name in state else name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(state[key], tensor), f"base weight {name} changed"
+        checked += 1
+    assert checked == len(original)
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.requires_grad for p in lora_b)
+    # PEFT initialises lora_B to zero, so any non-zero B was learned.
+    assert all(p.abs().sum() > 0 for p in lora_b)
+    assert not any(p.requires_grad for n, p in result.model.named_parameters() if "lora_" not in n)
+
+
+def test_saved_adapter_reloads_with_same_logits(trained, tiny_llama_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe, result = trained
+    out = Path(recipe.output.dir)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out).eval()
+    trained_model = result.model.eval()
+    ids = result.tokenizer("what is the capital of france paris", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = trained_model(input_ids=ids).logits
+        actual = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_run_folder_has_everything(trained):
+    recipe, result = trained
+    out = Path(recipe.output.dir)
+    for name in ("recipe.yaml", "train_metrics.json", "loss_curve.png", "tokenizer.json", "samples.json", "generation_config.json"):
+        assert (out / name).is_file(), name
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert validate_recipe(saved) == recipe  # the resolved recipe round-trips
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["plan"]["trainable_params"] == sum(p.numel() for p in result.model.parameters() if p.requires_grad)
+    assert metrics["plan"]["effective_batch_size"] == 8
+    assert metrics["summary"]["tokens_per_second"] > 0
+    assert metrics["samples"][0]["prompt"] == "what is the capital of italy"
+
+
+def test_output_dir_not_empty_is_refused(trained):
+    from finetune.errors import FinetuneError
+    from finetune.train import run
+
+    recipe, _ = trained
+    with pytest.raises(FinetuneError, match=r"output\.dir: .* is not empty\. Choose another folder, or set output\.overwrite=true"):
+        run(recipe)
+
+
+def test_full_finetune_and_packing(tiny_llama_dir, tmp_path):
+    """`adapter: none` trains every weight; packing runs on pre-tokenized, masked rows."""
+    from finetune.train import run
+
+    recipe = validate_recipe(sft_recipe(tiny_llama_dir, tmp_path, adapter="none", data={"packing": True}, train={"epochs": 1, "learning_rate": 1e-3}))
+    result = run(recipe)
+    assert not hasattr(result.model, "peft_config")
+    assert all(p.requires_grad for p in result.model.parameters())
+    assert (Path(recipe.output.dir) / "model.safetensors").is_file()
+    assert result.metrics["plan"]["train_rows"] < 40  # 40 short conversations packed into fewer 64-token rows
+
+
+def env_for_subprocess() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_end_to_end_through_accelerate_launch(tiny_llama_dir, tmp_path):
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(sft_recipe(tiny_llama_dir, tmp_path, train={"epochs": 2})))
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / "finetune" / "run.py"), str(recipe_path), "train.learning_rate=0.01",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env_for_subprocess(), cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Plan:" in result.stdout
+    out = tmp_path / "out"
+    assert (out / "adapter_model.safetensors").is_file()
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["train"]["learning_rate"] == 0.01  # the override reached the run and its saved recipe
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["last_loss"] < metrics["first_loss"]
+
+
+def test_bad_data_fails_before_model_load_without_traceback(tiny_llama_dir, tmp_path):
+    recipe = sft_recipe(tiny_llama_dir, tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n')
+    recipe["data"]["train"] = str(bad)
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "finetune" / "run.py"), str(recipe_path)],
+        capture_output=True, text=True, env=env_for_subprocess(), timeout=300,
+    )
+    assert result.returncode == 3
+    assert f"error: {bad}, row 1: empty conversation" in result.stderr
+    assert "Traceback" not in result.stderr
