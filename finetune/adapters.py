@@ -87,6 +87,21 @@ def load_tokenizer(recipe: Recipe, path: str):
     return tokenizer
 
 
+class _OnceFilter(logging.Filter):
+    """Let each distinct message through once: bitsandbytes warns on every 8-bit matmul call."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 def load_model(recipe: Recipe, runtime: Runtime, path: str, auto_class, **kwargs):
     """Load the base model in the runtime's dtype, quantized when the recipe asks."""
     import torch
@@ -97,6 +112,9 @@ def load_model(recipe: Recipe, runtime: Runtime, path: str, auto_class, **kwargs
         # Non-quantized modules (norms, head) stay in the compute dtype; bitsandbytes owns the linear weights.
         dtype_name = compute_dtype_name(recipe, runtime)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+        if not any(isinstance(f, _OnceFilter) for f in bnb_log.filters):
+            bnb_log.addFilter(_OnceFilter())
         kwargs.setdefault("device_map", {"": local_rank if runtime.device == "cuda" else "cpu"})
     try:
         model = auto_class.from_pretrained(

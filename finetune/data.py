@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import DataError
+from finetune.errors import DataError, FinetuneError
+from finetune.models import PACKAGE_SCHEME, resolve_package_path
 from finetune.recipe import DataConfig, DataSource
 
 log = logging.getLogger(__name__)
@@ -34,36 +35,113 @@ ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{inpu
 
 
 def is_local(source: DataSource) -> bool:
-    return Path(source.path).suffix.lower() in LOCAL_SUFFIXES or Path(source.path).exists()
+    """A file or folder on this machine (or in an installed package), as opposed to a hub dataset name."""
+    path = source.path
+    return path.startswith(PACKAGE_SCHEME) or Path(path).suffix.lower() in LOCAL_SUFFIXES or Path(path).exists()
+
+
+def local_path(source: DataSource, base_dir: Path | None = None) -> Path:
+    """The file or folder a local source names: `package://NAME/sub/path` inside an installed package, or a path
+    (taken relative to `base_dir` when it exists there)."""
+    if source.path.startswith(PACKAGE_SCHEME):
+        return resolve_package_path(source.path, key=f"data source {source.path}")
+    path = Path(source.path)
+    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+        path = base_dir / path
+    return path
+
+
+def missing_source(source: DataSource, base_dir: Path | None = None) -> str | None:
+    """Why a local source cannot be read before reading it (not found, package not installed), or None."""
+    try:
+        path = local_path(source, base_dir)
+    except FinetuneError as exc:
+        return str(exc)
+    return None if path.is_file() or path.is_dir() else f"data file not found: {source.path}"
 
 
 def read_source(source: DataSource, base_dir: Path | None = None):
     """A `datasets.Dataset` with the source's rows (columns renamed per `columns`)."""
+    return read_source_with_skips(source, base_dir)[0]
+
+
+def read_source_with_skips(source: DataSource, base_dir: Path | None = None, on_bad_row: str = "error"):
+    """`read_source`, and the problems of the records it left out under `on_bad_row: skip`.
+
+    Only a folder source has records that can fail while reading (a file that is not UTF-8); a broken
+    JSON line or CSV stops the run either way, since nothing after it could be trusted.
+    """
     import datasets
 
-    path = Path(source.path)
-    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
-        path = base_dir / path
+    skipped: list[str] = []
     if is_local(source):
-        if not path.is_file():
+        path = local_path(source, base_dir)
+        if path.is_dir():
+            found = read_text_folder(path, on_bad_row)
+            ds, skipped = datasets.Dataset.from_list(found.rows), found.problems
+        elif not path.is_file():
             raise DataError(f"data file not found: {source.path}")
-        kind = LOCAL_SUFFIXES.get(path.suffix.lower())
-        if kind is None:
-            raise DataError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
-        if kind == "json":
-            _check_json(path)
-        try:
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-        except Exception as exc:  # datasets' errors are opaque; name the file at least
-            raise DataError(f"{path}: could not be read as {kind}: {exc}") from None
+        else:
+            ds = _read_file(path)
     else:
         try:
             ds = datasets.load_dataset(source.path, source.name, split=source.split)
         except Exception as exc:
             raise DataError(
                 f"data source {source.path!r}: not a local file and could not be loaded from the hub ({exc}). "
-                "Offline? Point data paths at local .jsonl/.json/.csv/.parquet files."
+                "Offline? Point data paths at local .jsonl/.json/.csv/.parquet files or a folder of class folders."
             ) from None
+    return _select_and_rename(ds, source), skipped
+
+
+def _read_file(path: Path):
+    import datasets
+
+    kind = LOCAL_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}, or a folder")
+    if kind == "json":
+        _check_json(path)
+    try:
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as exc:  # datasets' errors are opaque; name the file at least
+        raise DataError(f"{path}: could not be read as {kind}: {exc}") from None
+
+
+def read_text_folder(folder: Path, on_bad_row: str = "error") -> Rows:
+    """Rows {text, label, file} from a folder of class sub-folders of `.txt` files: the label is the sub-folder's name.
+
+    `folder/sport/001.txt` becomes `{"text": <its content, stripped>, "label": "sport", "file": "<path>"}`. Folders and
+    files are read in sorted order, so the rows (and a seeded split of them) are the same on every machine. Only
+    `<folder>/<label>/*.txt` is read; hidden files and deeper folders are not. Text is UTF-8 (a BOM is dropped);
+    a file that is not UTF-8 stops the run, or is left out and counted with `on_bad_row: skip`.
+    """
+    out = Rows(rows=[])
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for class_dir in classes:
+        for file in sorted(f for f in class_dir.glob("*.txt") if f.is_file() and not f.name.startswith(".")):
+            data = file.read_bytes()
+            try:
+                text = data.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                problem = f"{file}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+                if on_bad_row == "error":
+                    raise DataError(
+                        problem + "  (re-encode it as UTF-8, or set data.on_bad_row: skip to leave such files out)"
+                    ) from None
+                out.skipped += 1
+                out.problems.append(problem)
+                continue
+            out.rows.append({"text": text.strip(), "label": class_dir.name, "file": str(file)})
+    if not out.rows:
+        unreadable = f" ({out.skipped} unreadable)" if out.skipped else ""
+        raise DataError(f"{folder}: no text files in class sub-folders{unreadable}; expected {folder}/<label>/<name>.txt")
+    if out.skipped:
+        log.warning("Left out %d unreadable file(s) of %s; first: %s", out.skipped, folder, out.problems[0])
+    return out
+
+
+def _select_and_rename(ds, source: DataSource):
     if source.limit:
         ds = ds.select(range(min(source.limit, len(ds))))
     missing = [old for old in source.columns.values() if old not in ds.column_names]

