@@ -168,8 +168,9 @@ def wait_for_nodes(address: str, port: int, node_rank: int, nnodes: int, timeout
             if missing:
                 ranks = [int(k.rsplit("node", 1)[1]) for k in missing]
                 store.set(f"{prefix}/abort", ",".join(map(str, ranks)))
-                time.sleep(1.0)  # let the nodes that did join read "abort" before the store closes
                 joined = nnodes - len(ranks)
+                if joined > 1:
+                    time.sleep(1.0)  # let the nodes that did join read "abort" before the store closes
                 raise FinetuneError(
                     f"node{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {nnodes} did not join within "
                     f"{timeout:g} s ({joined}/{nnodes} nodes joined). " + _what_to_check(address, port, timeout)
