@@ -156,7 +156,7 @@ def env_for_subprocess() -> dict:
 
 def test_end_to_end_through_accelerate_launch(tiny_llama_dir, tmp_path):
     recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump(sft_recipe(tiny_llama_dir, tmp_path, train={"epochs": 2})))
+    recipe_path.write_text(yaml.safe_dump(sft_recipe(tiny_llama_dir, tmp_path, train={"epochs": 2, "report_to": "tensorboard"})))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -171,6 +171,7 @@ def test_end_to_end_through_accelerate_launch(tiny_llama_dir, tmp_path):
     assert saved["train"]["learning_rate"] == 0.01  # the override reached the run and its saved recipe
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["last_loss"] < metrics["first_loss"]
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "report_to: tensorboard wrote no event file"
 
 
 def test_bad_data_fails_before_model_load_without_traceback(tiny_llama_dir, tmp_path):
