@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 
@@ -64,7 +63,7 @@ def run_sft(recipe: Recipe):
     from finetune.generate import generate_answers
     from finetune.models import resolve_model_path
     from finetune.plan import make_plan
-    from finetune.train import RunResult, callbacks, prepare_run, save_run_files, training_arguments
+    from finetune.train import RunResult, callbacks, check_trainer_world, prepare_run, save_run_files, training_arguments
 
     runtime, out = prepare_run(recipe)
     state = PartialState()
@@ -101,6 +100,7 @@ def run_sft(recipe: Recipe):
         processing_class=tokenizer,
         callbacks=callbacks(recipe),
     )
+    check_trainer_world(trainer)
     if recipe.is_quantized and runtime.precision == "fp32":
         keep_trainable_fp32(trainer.model)
     # The plan comes after the trainer is built: packing happens in its dataset preparation and changes the steps.
@@ -127,7 +127,6 @@ def run_sft(recipe: Recipe):
             write_json(Path(out) / "samples.json", {"samples": extra["samples"]})
             for sample in extra["samples"]:
                 print(f"\nQ: {sample['prompt']}\nA: {sample['answer']}", flush=True)
-    with contextlib.suppress(Exception):
-        trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.wait_for_everyone()
     metrics = save_run_files(trainer, recipe, out, plan, extra)
     return RunResult(metrics, trainer.model, tokenizer, out)

@@ -59,10 +59,14 @@ def runtime_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
 
 
 def _deepspeed_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
-    from finetune.zero import deepspeed_problems, load_deepspeed_config
+    from finetune.zero import deepspeed_problems, deepspeed_warnings, load_deepspeed_config
 
     config = load_deepspeed_config(recipe.deepspeed)
-    return deepspeed_problems(recipe, config, has_cuda=runtime.device == "cuda")
+    has_cuda = runtime.device == "cuda"
+    if runtime.is_main:
+        for warning in deepspeed_warnings(recipe, config, has_cuda=has_cuda):
+            log.warning("deepspeed: %s", warning)
+    return deepspeed_problems(recipe, config, has_cuda=has_cuda)
 
 
 def check_output_dir(recipe: Recipe) -> Path:
@@ -89,10 +93,12 @@ def prepare_run(recipe: Recipe) -> tuple[Runtime, Path]:
         raise RecipeError(problems)
     out = check_output_dir(recipe)
     set_seed(recipe.train.seed)
-    if os.environ.get("FINETUNE_EXPECTED_WORLD_SIZE"):  # exported by `finetune launch`
-        from finetune.distributed import check_world_size
+    # A missing rank fails after FINETUNE_JOIN_TIMEOUT instead of DeepSpeed's 30-minute default; a world smaller
+    # than `finetune launch` asked for (accelerate's one-process traps) fails instead of training alone.
+    from finetune.distributed import check_world_size, join_process_group
 
-        check_world_size(int(os.environ["FINETUNE_EXPECTED_WORLD_SIZE"]))
+    join_process_group()
+    check_world_size()
     return runtime, out
 
 
@@ -164,6 +170,22 @@ def callbacks(recipe: Recipe) -> list:
     return []
 
 
+def check_trainer_world(trainer) -> None:
+    """The world the Trainer really got must be the one asked for."""
+    from finetune.distributed import check_world_size
+
+    check_world_size(actual=trainer.args.world_size)
+
+
+def finish_distributed() -> None:
+    """Tear the process group down so processes exit cleanly (gloo can abort at interpreter exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def save_run_files(trainer, recipe: Recipe, out: Path, plan, extra: dict | None = None) -> dict:
     """Resolved recipe, metrics JSON and loss curve beside the adapter (main process only)."""
     from finetune.outputs import plot_loss_curve, write_json
@@ -230,7 +252,10 @@ def train_command(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     setup_logging()
     started = time.time()
-    metrics = run(recipe).metrics
+    try:
+        metrics = run(recipe).metrics
+    finally:
+        finish_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         log.info("Done in %.0f s. Outputs in %s", time.time() - started, recipe.output.dir)
         last = metrics.get("last_loss")

@@ -11,8 +11,10 @@ import difflib
 import json
 import sys
 from pathlib import Path
+
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
+from finetune.runtime import TORCH_DTYPES
 
 CONFIG_FOLDER = "deepspeed_configs"
 
@@ -106,23 +108,20 @@ def _offloads(config: dict) -> dict[str, dict]:
     return found
 
 
-def _compute_dtype(recipe: Recipe, has_cuda: bool) -> str | None:
-    """The dtype 4-bit matmuls will run in, or None where it depends on the GPU (bf16 or fp16)."""
-    q = recipe.quantization
-    if q.compute_dtype != "auto":
-        return q.compute_dtype
-    precision = recipe.train.precision
-    if precision == "auto":
-        return None if has_cuda else "float32"
-    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
-
-
 def _precision(recipe: Recipe, has_cuda: bool) -> str | None:
-    """The run's precision (`fp32`/`bf16`/`fp16`), or None where it depends on the GPU."""
+    """The run's precision (`fp32`/`bf16`/`fp16`), or None where it depends on the GPU (as finetune.runtime decides)."""
     precision = recipe.train.precision
     if precision == "auto":
         return None if has_cuda else "fp32"
     return precision
+
+
+def _compute_dtype(recipe: Recipe, has_cuda: bool) -> str | None:
+    """The dtype 4-bit matmuls will run in, or None where it depends on the GPU (bf16 or fp16)."""
+    if recipe.quantization.compute_dtype != "auto":
+        return recipe.quantization.compute_dtype
+    precision = _precision(recipe, has_cuda)
+    return None if precision is None else TORCH_DTYPES[precision]
 
 
 def deepspeed_problems(recipe: Recipe, config: dict, has_cuda: bool) -> list[str]:
@@ -149,8 +148,9 @@ def deepspeed_problems(recipe: Recipe, config: dict, has_cuda: bool) -> list[str
     if stage == 3 and not any(zero.get(k) is True for k in _GATHER_KEYS):
         problems.append(
             "deepspeed: zero_optimization.stage3_gather_16bit_weights_on_model_save is not true: with ZeRO-3 each "
-            "rank holds a slice of every weight and the Trainer saves an empty state dict (only DeepSpeed's sharded "
-            "checkpoint, to be rebuilt with zero_to_fp32.py). Set it to true (deepspeed_configs/zero3.json does)."
+            "rank holds a slice of every weight, and without it a full fine-tune saves no weights (only DeepSpeed's "
+            "sharded checkpoint, to rebuild with zero_to_fp32.py) and accelerate's get_state_dict refuses to gather. "
+            "Set it to true (deepspeed_configs/zero3.json does)."
         )
 
     offloads = _offloads(config)

@@ -8,4 +8,5 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # DeepSpeed JIT-compiles its CPU communication op on first use (~3 min); keep the build inside the checkout
 # so it is paid once per clone, not once per test.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+bash scripts/build_deepspeed_ops.sh
 exec .venv/bin/python -m pytest "$@"

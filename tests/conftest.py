@@ -15,6 +15,8 @@ os.environ["HF_HOME"] = _HF_HOME
 os.environ.setdefault("FINETUNE_CACHE", str(Path(_HF_HOME) / "finetune"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# DeepSpeed JIT-compiles its CPU communication op once (~1-3 min); keep it in the checkout's cache.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "torch_extensions"))
 
 import pytest  # noqa: E402
 
