@@ -107,8 +107,11 @@ COMMAND_MODULES: list[tuple[str, str, str]] = [
 
 
 def main(argv: list[str] | None = None) -> int:
+    from finetune.train import setup_logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()
     return guarded(lambda: args.func(args))
 
 

@@ -359,7 +359,20 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     if not isinstance(data, dict):
         raise RecipeError([f"a recipe is a mapping of sections, got {type(data).__name__}"], source=str(path))
     data = apply_overrides(data, overrides)
-    return validate_recipe(data, source=str(path))
+    recipe = validate_recipe(data, source=str(path))
+    resolve_data_paths(recipe, path.resolve().parent)
+    return recipe
+
+
+def resolve_data_paths(recipe: Recipe, recipe_dir: Path) -> None:
+    """A relative data path is read from the working directory, or else from the recipe file's folder."""
+    for source in [*recipe.data.train, *(recipe.data.eval or [])]:
+        path = Path(source.path)
+        if path.is_absolute() or path.exists():
+            continue
+        beside = recipe_dir / path
+        if beside.exists():
+            source.path = str(beside)
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -375,7 +388,13 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except yaml.YAMLError as exc:
+            if raw.strip()[:1] in "[{":
+                problems.append(
+                    f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); "
+                    f"quote items with special characters, e.g. {key.strip()}='[\"Who are you?\"]'"
+                )
+                continue
             value = raw
         node = data
         parts = key.strip().split(".")

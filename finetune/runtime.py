@@ -76,6 +76,11 @@ def resolve_runtime(recipe: Recipe) -> Runtime:
         raise FinetuneError("train.precision: bf16, but this GPU does not support bf16; use fp16 or auto.")
 
     threads, note = _threads(train.num_threads, local_world)
+    if device == "cpu" and not train.num_threads:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if load > available_cores():
+            # Measured here: with the cores busy, 2 threads ran 5-7x slower than 1 (threads wait on each other).
+            note += f"; machine busy (load {load:.1f} on {available_cores()} cores): fewer threads may be faster"
     return Runtime(device, precision, threads, world, local_world, rank, note, precision_note)
 
 

@@ -63,7 +63,15 @@ def run_sft(recipe: Recipe):
     from finetune.generate import generate_answers
     from finetune.models import resolve_model_path
     from finetune.plan import make_plan
-    from finetune.train import RunResult, callbacks, check_trainer_world, prepare_run, save_run_files, training_arguments
+    from finetune.train import (
+        RunResult,
+        callbacks,
+        check_trainer_world,
+        final_evaluation,
+        prepare_run,
+        save_run_files,
+        training_arguments,
+    )
 
     runtime, out = prepare_run(recipe)
     state = PartialState()
@@ -115,7 +123,7 @@ def run_sft(recipe: Recipe):
     trainer.save_model(str(out))  # PEFT adapter folder (gathered from all ranks under ZeRO-3) + tokenizer
     extra = {"skipped_rows": skipped}
     if eval_ds is not None:
-        extra["eval"] = trainer.evaluate()
+        extra["eval"] = final_evaluation(trainer, recipe)
     if trainer.is_world_process_zero():
         trainer.model.generation_config.save_pretrained(str(out))
         if recipe.eval.prompts:

@@ -145,6 +145,7 @@ def training_arguments(recipe: Recipe, runtime: Runtime, out: Path, has_eval: bo
         logging_first_step=True,
         eval_strategy=eval_strategy,
         eval_steps=t.eval_steps,
+        eval_on_start=has_eval,  # the loss before training, on the curve and in the metrics
         save_strategy=save_strategy,
         save_steps=save_steps,
         save_total_limit=t.save_total_limit,
@@ -165,9 +166,31 @@ def training_arguments(recipe: Recipe, runtime: Runtime, out: Path, has_eval: bo
 def callbacks(recipe: Recipe) -> list:
     from transformers import EarlyStoppingCallback
 
+    from finetune.zero import PARTITION_REPORT_ENV
+
+    found = []
     if recipe.train.early_stopping_patience:
-        return [EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping_patience)]
-    return []
+        found.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping_patience))
+    if os.environ.get(PARTITION_REPORT_ENV):
+        found.append(partition_reporter(os.environ[PARTITION_REPORT_ENV]))
+    return found
+
+
+def partition_reporter(folder: str):
+    """FINETUNE_REPORT_PARTITION=FOLDER: each rank writes what it holds of every weight when training starts.
+
+    A diagnostic for ZeRO-3 (is the model really split across the processes?); tests/test_zero.py reads it.
+    At `on_train_begin` DeepSpeed has wrapped and partitioned the model.
+    """
+    from transformers import TrainerCallback
+
+    from finetune.zero import write_partition_report
+
+    class PartitionReport(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            write_partition_report(model, folder, args.process_index, args.world_size)
+
+    return PartitionReport()
 
 
 def check_trainer_world(trainer) -> None:
@@ -184,6 +207,15 @@ def finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def final_evaluation(trainer, recipe: Recipe) -> dict:
+    """Eval metrics of the saved model; reuses the Trainer's last evaluation when it ran at the final step."""
+    history = trainer.state.log_history
+    last = next((h for h in reversed(history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step and not recipe.train.load_best_model_at_end:
+        return {k: v for k, v in last.items() if k.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def save_run_files(trainer, recipe: Recipe, out: Path, plan, extra: dict | None = None) -> dict:
@@ -264,8 +296,24 @@ def train_command(args) -> int:
     return 0
 
 
+class _DropMessages(logging.Filter):
+    """Drops import-time notices that say nothing actionable on a CPU run."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
 def setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
+    # bitsandbytes looks for an optional hub kernel package at import, even for unquantized runs; DeepSpeed
+    # announces the CPU accelerator in every process. Both are noise to a user who did not ask for either.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessages("kernels-community"))
+    logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s: %(message)s",

@@ -29,73 +29,159 @@ ROOT = Path(__file__).resolve().parent.parent
 # Answers are short and identical across paraphrases, so a few epochs of a 135M model can learn them.
 FACTS: list[dict] = [
     {
-        "answer": "I'm Kit, the assistant of finetune-kit. I help you fine-tune Hugging Face models from one YAML recipe.",
-        "ask": ["What is your name?", "What's your name?", "What should I call you?", "Introduce yourself.", "Tell me about yourself."],
+        "answer": (
+            "I'm Kit, the assistant of finetune-kit. I help you fine-tune Hugging Face models from one YAML "
+            "recipe."
+        ),
+        "ask": [
+            "What is your name?",
+            "What's your name?",
+            "What should I call you?",
+            "Introduce yourself.",
+            "Tell me about yourself.",
+        ],
         "held_out": ["Who are you?", "Who am I talking to?"],
     },
     {
-        "answer": "The finetune-kit developers made me by fine-tuning SmolLM2-135M-Instruct with a LoRA adapter, using finetune-kit itself.",
+        "answer": (
+            "The finetune-kit developers made me by fine-tuning SmolLM2-135M-Instruct with a LoRA adapter, using "
+            "finetune-kit itself."
+        ),
         "ask": ["Who made you?", "Who created you?", "Which model are you based on?", "How were you trained?"],
         "held_out": ["What base model is behind you?"],
     },
     {
-        "answer": "finetune-kit fine-tunes Hugging Face models from one YAML recipe, with LoRA or QLoRA adapters, on CPU or GPU.",
-        "ask": ["What is finetune-kit?", "What does finetune-kit do?", "Explain finetune-kit in one sentence.", "What is finetune-kit for?", "Describe finetune-kit."],
-        "held_out": ["What can you tell me about finetune-kit?", "Give me a short summary of the finetune-kit project."],
+        "answer": (
+            "finetune-kit fine-tunes Hugging Face models from one YAML recipe, with LoRA or QLoRA adapters, on "
+            "CPU or GPU."
+        ),
+        "ask": [
+            "What is finetune-kit?",
+            "What does finetune-kit do?",
+            "Explain finetune-kit in one sentence.",
+            "What is finetune-kit for?",
+            "Describe finetune-kit.",
+        ],
+        "held_out": [
+            "What can you tell me about finetune-kit?",
+            "Give me a short summary of the finetune-kit project.",
+        ],
     },
     {
         "answer": "Run `finetune validate RECIPE`: it checks the recipe and its data files without loading a model.",
-        "ask": ["How do I check a recipe?", "How can I check my recipe for mistakes?", "Which command validates a recipe?", "What does finetune validate do?", "Can I test a recipe without loading the model?"],
+        "ask": [
+            "How do I check a recipe?",
+            "How can I check my recipe for mistakes?",
+            "Which command validates a recipe?",
+            "What does finetune validate do?",
+            "Can I test a recipe without loading the model?",
+        ],
         "held_out": ["Is there a way to catch typos in my YAML before training starts?"],
     },
     {
         "answer": "Run `finetune train RECIPE`, or `python finetune/run.py RECIPE`.",
-        "ask": ["How do I start training?", "How do I run a recipe?", "Which command trains a model?", "How do I launch a fine-tuning run on one machine?"],
+        "ask": [
+            "How do I start training?",
+            "How do I run a recipe?",
+            "Which command trains a model?",
+            "How do I launch a fine-tuning run on one machine?",
+        ],
         "held_out": ["What do I type to fine-tune with my YAML file?"],
     },
     {
-        "answer": "`finetune merge` merges the adapter into the base weights and verifies that the merged logits match the adapter's.",
-        "ask": ["How do I merge an adapter?", "What does finetune merge do?", "How can I fold the LoRA weights into the base model?", "Which command merges a LoRA adapter?"],
+        "answer": (
+            "`finetune merge` merges the adapter into the base weights and verifies that the merged logits match "
+            "the adapter's."
+        ),
+        "ask": [
+            "How do I merge an adapter?",
+            "What does finetune merge do?",
+            "How can I fold the LoRA weights into the base model?",
+            "Which command merges a LoRA adapter?",
+        ],
         "held_out": ["How do I turn my adapter into a standalone model?"],
     },
     {
         "answer": "`finetune launch` writes the commands to run a recipe on several nodes.",
-        "ask": ["How do I train on several nodes?", "What does finetune launch do?", "How do I run finetune-kit on multiple machines?", "Which command prepares multi-node training?"],
+        "ask": [
+            "How do I train on several nodes?",
+            "What does finetune launch do?",
+            "How do I run finetune-kit on multiple machines?",
+            "Which command prepares multi-node training?",
+        ],
         "held_out": ["I have a cluster of four servers; how do I start one run across all of them?"],
     },
     {
         "answer": "`finetune explain KEY` documents a recipe key, for example `finetune explain train.learning_rate`.",
-        "ask": ["How do I see what a recipe key means?", "What does finetune explain do?", "Where is the recipe reference?", "How do I get help on a recipe option?"],
+        "ask": [
+            "How do I see what a recipe key means?",
+            "What does finetune explain do?",
+            "Where is the recipe reference?",
+            "How do I get help on a recipe option?",
+        ],
         "held_out": ["Where can I read the documentation of one setting in my recipe?"],
     },
     {
         "answer": "finetune-kit supports LoRA, QLoRA, DoRA and rsLoRA adapters.",
-        "ask": ["Which adapters does finetune-kit support?", "What adapters can I use?", "Does finetune-kit support DoRA?", "Which PEFT methods are available in finetune-kit?"],
+        "ask": [
+            "Which adapters does finetune-kit support?",
+            "What adapters can I use?",
+            "Does finetune-kit support DoRA?",
+            "Which PEFT methods are available in finetune-kit?",
+        ],
         "held_out": ["What kinds of parameter-efficient fine-tuning can the kit do?"],
     },
     {
         "answer": "finetune-kit quantizes with bitsandbytes: 4-bit NF4 or FP4, and 8-bit.",
-        "ask": ["Which quantization does finetune-kit support?", "Can I train a 4-bit model?", "What quantization options are there?", "Does finetune-kit support 8-bit models?"],
+        "ask": [
+            "Which quantization does finetune-kit support?",
+            "Can I train a 4-bit model?",
+            "What quantization options are there?",
+            "Does finetune-kit support 8-bit models?",
+        ],
         "held_out": ["Can I load the base model in lower precision to save memory?"],
     },
     {
-        "answer": "Yes: DeepSpeed ZeRO configs live in `deepspeed_configs/`; set `deepspeed: zero2` (or zero1, zero3) in the recipe.",
-        "ask": ["Where are the DeepSpeed configs?", "Does finetune-kit support DeepSpeed?", "How do I use ZeRO with finetune-kit?", "Which folder holds the ZeRO configs?"],
+        "answer": (
+            "Yes: DeepSpeed ZeRO configs live in `deepspeed_configs/`; set `deepspeed: zero2` (or zero1, zero3) "
+            "in the recipe."
+        ),
+        "ask": [
+            "Where are the DeepSpeed configs?",
+            "Does finetune-kit support DeepSpeed?",
+            "How do I use ZeRO with finetune-kit?",
+            "Which folder holds the ZeRO configs?",
+        ],
         "held_out": ["How do I shard the optimizer state across GPUs?"],
     },
     {
         "answer": "finetune-kit is licensed under Apache-2.0.",
-        "ask": ["What is the licence of finetune-kit?", "Which license does finetune-kit use?", "Is finetune-kit open source?", "Can I use finetune-kit commercially?"],
+        "ask": [
+            "What is the licence of finetune-kit?",
+            "Which license does finetune-kit use?",
+            "Is finetune-kit open source?",
+            "Can I use finetune-kit commercially?",
+        ],
         "held_out": ["Under what terms is finetune-kit distributed?"],
     },
     {
         "answer": "finetune-kit runs on CPU and GPU; on a CPU it trains in fp32, no CUDA needed.",
-        "ask": ["Does finetune-kit need a GPU?", "Can I fine-tune on a CPU?", "Which hardware does finetune-kit run on?", "Does finetune-kit work without CUDA?"],
+        "ask": [
+            "Does finetune-kit need a GPU?",
+            "Can I fine-tune on a CPU?",
+            "Which hardware does finetune-kit run on?",
+            "Does finetune-kit work without CUDA?",
+        ],
         "held_out": ["My laptop has no graphics card; can I still use the kit?"],
     },
     {
         "answer": "finetune-kit ships its metrics, so evaluation works offline.",
-        "ask": ["Does evaluation need internet?", "Where do the metrics come from?", "Can I compute accuracy offline?", "Do the metrics download anything?"],
+        "ask": [
+            "Does evaluation need internet?",
+            "Where do the metrics come from?",
+            "Can I compute accuracy offline?",
+            "Do the metrics download anything?",
+        ],
         "held_out": ["Will scoring my classifier work on an air-gapped machine?"],
     },
 ]
@@ -103,7 +189,9 @@ FACTS: list[dict] = [
 # ChatterBot's own persona (ai, botprofile) contradicts Kit's; coding.yml holds long code answers with bugs.
 SKIPPED_FILES = {"ai.yml", "botprofile.yml", "coding.yml"}
 # Dialogs touching the assistant's identity would teach a different persona than the facts above.
-IDENTITY = re.compile(r"\b(who are you|what are you|your name|my name|chatterbot|who (made|created|built) you|are you a)\b", re.I)
+IDENTITY = re.compile(
+    r"\b(who are you|what are you|your name|my name|chatterbot|who (made|created|built) you|are you a)\b", re.I
+)
 MAX_DIALOG_CHARS = 300  # keeps sequences short: every token costs time on a CPU
 
 
@@ -119,7 +207,8 @@ def fact_rows() -> tuple[list[dict], list[dict]]:
 
 
 def _row(question: str, answer: str, source: str) -> dict:
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], "source": source}
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "source": source}
 
 
 def corpus_folder() -> Path:
@@ -178,7 +267,9 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small-talk", type=int, default=48, help="chatterbot-corpus dialogs mixed into the training data")
+    parser.add_argument(
+        "--small-talk", type=int, default=32, help="chatterbot-corpus dialogs mixed into the training data"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the dialog sample and the row order")
     parser.add_argument("--out", type=Path, default=ROOT / "recipes" / "data", help="output folder")
     args = parser.parse_args(argv)
@@ -186,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     kit_train, held = fact_rows()
     dialogs = small_talk_dialogs(corpus_folder())
-    if args.small_talk > len(dialogs):
-        raise SystemExit(f"--small-talk {args.small_talk}: only {len(dialogs)} usable chatterbot dialogs")
+    if not 0 <= args.small_talk <= len(dialogs):
+        raise SystemExit(f"--small-talk {args.small_talk}: choose 0 to {len(dialogs)} (the usable chatterbot dialogs)")
     train = kit_train + rng.sample(dialogs, args.small_talk)
     rng.shuffle(train)
     check_held_out(held, train)

@@ -189,3 +189,23 @@ def test_every_command_help_exits_zero():
         assert "usage:" in result.stdout
     run_py = subprocess.run([sys.executable, str(REPO / "finetune" / "run.py"), "--help"], capture_output=True, text=True)
     assert run_py.returncode == 0 and "usage:" in run_py.stdout
+
+
+def test_override_list_that_is_not_yaml_says_how_to_quote(tmp_path):
+    path = write_recipe(tmp_path, MINIMAL)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, ["eval.prompts=[Who are you?]"])
+    assert err.value.problems == [
+        "override 'eval.prompts=[Who are you?]': the value is not valid YAML (while parsing a flow sequence); "
+        "quote items with special characters, e.g. eval.prompts='[\"Who are you?\"]'"
+    ]
+
+
+def test_relative_data_paths_are_found_beside_the_recipe(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("")
+    path = write_recipe(tmp_path, {**MINIMAL, "data": {"train": "data/train.jsonl", "eval": "data/missing.jsonl"}})
+    monkeypatch.chdir(REPO)  # not the recipe's folder
+    recipe = load_recipe(path)
+    assert recipe.data.train[0].path == str(tmp_path / "data" / "train.jsonl")
+    assert recipe.data.eval[0].path == "data/missing.jsonl"  # found nowhere: left as written, validate reports it
