@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,17 +178,17 @@ def callbacks(recipe: Recipe) -> list:
 
 
 def partition_reporter(folder: str):
-    """FINETUNE_REPORT_PARTITION=FOLDER: each rank writes what it holds of every weight when training starts.
+    """FINETUNE_REPORT_PARTITION=FOLDER: each rank writes what it holds of every weight when training ends.
 
     A diagnostic for ZeRO-3 (is the model really split across the processes?); tests/test_zero.py reads it.
-    At `on_train_begin` DeepSpeed has wrapped and partitioned the model.
+    Written after the last step, before saving: the weights ZeRO-3 keeps whole once used are then whole.
     """
     from transformers import TrainerCallback
 
     from finetune.zero import write_partition_report
 
     class PartitionReport(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
             write_partition_report(model, folder, args.process_index, args.world_size)
 
     return PartitionReport()
@@ -314,6 +315,8 @@ def setup_logging() -> None:
     # announces the CPU accelerator in every process. Both are noise to a user who did not ask for either.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessages("kernels-community"))
     logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU"))
+    # peft and trl read transformers' deprecated `is_gradient_checkpointing`; nothing the user can change.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s: %(message)s",
