@@ -91,8 +91,10 @@ def _threads(requested: int | None, local_world: int) -> tuple[int, str]:
         return requested, "train.num_threads"
     env = os.environ.get("OMP_NUM_THREADS")
     launched_by_accelerate = any(k.startswith("ACCELERATE_") for k in os.environ)
+    # `finetune launch` sets OMP_NUM_THREADS itself (it knows how many nodes share a machine); trust it.
+    chosen_by_finetune_launch = "FINETUNE_EXPECTED_WORLD_SIZE" in os.environ
     if env and env.isdigit() and int(env) > 0:
-        if launched_by_accelerate and int(env) == 1 and fair > 1:
+        if launched_by_accelerate and not chosen_by_finetune_launch and int(env) == 1 and fair > 1:
             return fair, f"accelerate set OMP_NUM_THREADS=1; using {fair} (pin with train.num_threads)"
         return int(env), "OMP_NUM_THREADS"
     return fair, f"{available_cores()} cores / {local_world} local process(es)"

@@ -66,7 +66,7 @@ def _deepspeed_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
     has_cuda = runtime.device == "cuda"
     if runtime.is_main:
         for warning in deepspeed_warnings(recipe, config, has_cuda=has_cuda):
-            log.warning("deepspeed: %s", warning)
+            log.warning("%s", warning)
     return deepspeed_problems(recipe, config, has_cuda=has_cuda)
 
 

@@ -3,6 +3,8 @@
 Everything here runs before the model is loaded (and before `finetune launch` starts any process), so a
 config that would train alone, save an empty model or spend minutes compiling C++ ops is reported in seconds.
 DeepSpeed itself is not imported: the configs are plain JSON and the checks are about their keys.
+One diagnostic runs inside a job instead: `partition_counts`, what each rank holds of every weight
+(FINETUNE_REPORT_PARTITION, written by the trainer), to see that ZeRO-3 really split the model.
 """
 
 from __future__ import annotations
@@ -228,3 +230,48 @@ def deepspeed_warnings(recipe: Recipe, config: dict, has_cuda: bool) -> list[str
             "harmless, and kept on in the shipped configs for GPU machines."
         )
     return warnings
+
+
+# --------------------------------------------------------------------------------------------
+# What ZeRO-3 really partitioned (FINETUNE_REPORT_PARTITION)
+# --------------------------------------------------------------------------------------------
+
+PARTITION_REPORT_ENV = "FINETUNE_REPORT_PARTITION"
+
+
+def partition_counts(model) -> dict:
+    """Per weight: its full size and the values this process holds of it, as seen inside a running job.
+
+    ZeRO-3 swaps each weight's data for an empty tensor and keeps this rank's slice in `ds_tensor` (full size
+    in `ds_numel`), gathering the whole weight only while a layer runs; weights under
+    `stage3_param_persistence_threshold` (`ds_persist`) stay whole once gathered. Without ZeRO-3 every process
+    holds every weight whole. Reads attributes only: DeepSpeed is not imported.
+    """
+    weights = {}
+    for name, param in model.named_parameters():
+        shard = getattr(param, "ds_tensor", None)
+        weights[name] = {
+            "numel": int(getattr(param, "ds_numel", param.numel())),
+            "partition": int(shard.numel()) if shard is not None else int(param.numel()),
+            "whole_in_memory": int(param.data.numel()),  # 0 while ZeRO-3 has the weight released
+            "persistent": bool(getattr(param, "ds_persist", False)),
+            "trainable": param.requires_grad,
+        }
+    total = sum(w["numel"] for w in weights.values())
+    held = sum(w["partition"] for w in weights.values())
+    whole = sum(w["whole_in_memory"] for w in weights.values())
+    return {
+        "params": total,
+        "partition": held,
+        "fraction": held / total if total else 0.0,
+        "whole_in_memory": whole,
+        "weights": weights,
+    }
+
+
+def write_partition_report(model, folder: str | Path, rank: int, world_size: int) -> Path:
+    """`partition_counts` of this rank as `folder/partition-rank{rank}.json`."""
+    path = Path(folder) / f"partition-rank{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rank": rank, "world_size": world_size, **partition_counts(model)}, indent=1))
+    return path

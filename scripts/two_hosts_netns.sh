@@ -6,8 +6,12 @@
 #   scripts/two_hosts_netns.sh --allreduce                 gloo all_reduce across the two namespaces
 #   scripts/two_hosts_netns.sh RECIPE [key=value ...]      train RECIPE with node 0 and node 1 in the namespaces
 #
+#   scripts/two_hosts_netns.sh recipes/tiny_zero2.yaml     ZeRO-2 on a tiny model (build it first: see the recipe)
+#
 # Environment: LAUNCHER (accelerate | torchrun | deepspeed; default accelerate), NPROC (processes per
-# node; default 1), PORT (default 29500), JOIN_TIMEOUT (seconds; default 120), PYTHON (default .venv/bin/python).
+# node; default 1), PORT (default 29500), JOIN_TIMEOUT (seconds; default 120), PYTHON (default .venv/bin/python),
+# THREADS (OMP threads per process; default this machine's cores / all processes of both "hosts", since
+# they share the cores; each real host would use its own cores / its own processes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,9 +23,10 @@ LAUNCHER=${LAUNCHER:-accelerate}
 NPROC=${NPROC:-1}
 PORT=${PORT:-29500}
 JOIN_TIMEOUT=${JOIN_TIMEOUT:-120}
+THREADS=${THREADS:-$(( $(nproc) / (2 * NPROC) > 0 ? $(nproc) / (2 * NPROC) : 1 ))}
 
 if [ $# -lt 1 ]; then
-    sed -n '2,12p' "$0"
+    sed -n '2,15p' "$0"
     exit 2
 fi
 if [ "$(id -u)" != 0 ]; then
@@ -89,8 +94,10 @@ fi
 RECIPE=$1
 shift
 # Each node runs `finetune launch` for its own rank: the nodes meet on node 0's address first, then the
-# generated launcher command trains with gloo bound to $IFACE.
-run_both sh -c '"$0" -m finetune.launch "$@" --node-rank "$NODE_RANK"' "$PYTHON" "$RECIPE" "$@" \
+# generated launcher command trains with gloo bound to $IFACE. The thread count also goes in as
+# train.num_threads (your own overrides come after it and win): under accelerate the trainer reads
+# OMP_NUM_THREADS=1 as accelerate's default and would use every core, and the two "hosts" share them.
+run_both sh -c '"$0" -m finetune.launch "$@" --node-rank "$NODE_RANK"' "$PYTHON" "$RECIPE" train.num_threads="$THREADS" "$@" \
     --launcher "$LAUNCHER" --nnodes 2 --nproc-per-node "$NPROC" --main-address "${ADDR[0]}" --main-port "$PORT" \
-    --iface "$IFACE" --join-timeout "$JOIN_TIMEOUT"
+    --iface "$IFACE" --join-timeout "$JOIN_TIMEOUT" --threads "$THREADS"
 echo "2-node training across namespaces: ok"
