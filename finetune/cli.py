@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands whose arguments live with their implementation (each module has add_arguments(parser) and run(args)).
 COMMAND_MODULES: list[tuple[str, str, str]] = [
     ("predict", "finetune.predict", "Label texts with a finished classification run (top labels with probabilities)."),
+    ("merge", "finetune.merge", "Merge an adapter into its full-precision base, verify it, and save a plain model."),
     ("launch", "finetune.launch", "Run a recipe on several processes or machines (accelerate, torchrun, deepspeed; SLURM)."),
 ]
 

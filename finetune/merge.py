@@ -10,6 +10,7 @@ the folder into place. A crash or a failed check leaves no output folder behind.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import resource
@@ -88,7 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tolerance", type=float, help="Max absolute logit difference accepted. Default: relative to the logit scale, per dtype."
     )
     parser.add_argument(
-        "--quantize", type=int, choices=(4, 8), help="Also export a bitsandbytes 4- or 8-bit copy (rounds the weights)."
+        "--quantize",
+        type=int,
+        choices=(4, 8),
+        help="Save the merged model as bitsandbytes 4-bit (nf4) or 8-bit weights; merging itself stays full precision.",
     )
     parser.add_argument(
         "--method",
@@ -116,13 +120,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"  method {report.method}, {report.dtype}, {report.merged_modules} module(s), {len(report.files)} shard(s)")
     if report.method_note:
         print(f"  note: {report.method_note}")
+    if report.update_lost_to_rounding:
+        lost = report.update_lost_to_rounding
+        print(f"  rounding to {report.dtype} lost up to {lost['max']:.1%} of an update's norm ({lost['module']})")
     if report.verification:
         v = report.verification
         print(f"  verified: max |logit diff| {v['max_abs_logit_diff']:.3g} <= tolerance {v['tolerance']:.3g} ({v['tokens']} tokens)")
     else:
-        print("  not verified (--no-verify)")
+        print("  not verified (verification is off)")
     if report.quantization:
-        print(f"  exported {report.quantization['bits']}-bit bitsandbytes weights")
+        q = report.quantization
+        moved = q.get("max_abs_logit_diff_vs_merged")
+        print(f"  saved as {q['bits']}-bit bitsandbytes weights" + (f"; logits moved by up to {moved:.3g}" if moved is not None else ""))
     return 0
 
 
@@ -147,18 +156,26 @@ def merge_adapter(
 ) -> MergeReport:
     """Merge an adapter (or a run folder's adapter) into its full-precision base and write a plain model to `out_dir`.
 
-    `dtype` is "fp32"/"bf16"/"fp16" or a torch dtype (default: the recipe's merge.dtype, else the base's). Raises
-    FinetuneError, leaving no `out_dir` behind, when the adapter does not fit the base, a file is missing,
-    `out_dir` is not empty (without `overwrite`), or the merged logits differ from base + adapter by more than
-    the tolerance.
+    `dtype` is "fp32"/"bf16"/"fp16" or a torch dtype (default: the recipe's merge.dtype, else the base's);
+    `verify` and `tolerance` default to the recipe's merge section (on; per-dtype tolerance); `prompts` replace
+    the fixed verification prompts (the recipe's eval.prompts are added either way). Raises FinetuneError,
+    leaving no `out_dir` behind, when the adapter does not fit the base, a file is missing, `out_dir` is not
+    empty (without `overwrite`), or the merged logits differ from base + adapter by more than the tolerance.
     """
+    started = time.perf_counter()
+    inputs = resolve_inputs(adapter_dir, base)  # the quick checks first: torch is not imported yet
+    out = check_output(Path(out_dir), overwrite, inputs)
+    if quantize and importlib.util.find_spec("bitsandbytes") is None:
+        raise FinetuneError("--quantize needs bitsandbytes: pip install 'finetune-kit[quant]'.")
+
     from transformers.utils.hub import convert_file_size_to_int
 
     from finetune import merge_verify
 
-    started = time.perf_counter()
-    inputs = resolve_inputs(adapter_dir, base)
-    out = check_output(Path(out_dir), overwrite, inputs)
+    try:
+        max_shard_bytes = convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise FinetuneError(f"--max-shard-size {max_shard_size!r}: give a size such as 5GB or 500MB.") from None
     recipe = inputs.recipe
     if verify is None:
         verify = recipe.merge.verify if recipe is not None else True
@@ -171,7 +188,7 @@ def merge_adapter(
     try:
         seconds = {}
         t0 = time.perf_counter()
-        written = _write_weights(plan, tmp, convert_file_size_to_int(max_shard_size))
+        written = _write_weights(plan, tmp, max_shard_bytes)
         seconds["merge"] = round(time.perf_counter() - t0, 2)
         _write_side_files(inputs, tmp)
 
@@ -187,8 +204,9 @@ def merge_adapter(
         quantization = None
         if quantize:
             t0 = time.perf_counter()
-            tmp, quantization = _quantize(plan, tmp, out, quantize, ids, merged_logits)
-            written = _weight_files(tmp)
+            tmp, quantization = _quantize(plan, tmp, out, quantize, ids, merged_logits, max_shard_bytes)
+            quantized = _weight_files(tmp)
+            written.files, written.total_bytes = quantized.files, quantized.total_bytes
             seconds["quantize"] = round(time.perf_counter() - t0, 2)
 
         seconds["total"] = round(time.perf_counter() - started, 2)
@@ -253,14 +271,14 @@ def _verify(plan: MergePlan, tmp: Path, ids, tolerance: float | None, out: Path)
     return verification, merged_logits
 
 
-def _quantize(plan: MergePlan, tmp: Path, out: Path, bits: int, ids, merged_logits) -> tuple[Path, dict]:
+def _quantize(plan: MergePlan, tmp: Path, out: Path, bits: int, ids, merged_logits, max_shard_bytes: int) -> tuple[Path, dict]:
     """Replace the full-precision weights in the result with a bitsandbytes export of them."""
     from finetune import merge_verify
 
     log.warning(QUANTIZE_WARNING.format(bits=bits))
     qdir = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.quantized-"))
     try:
-        quantization = merge_verify.quantize_export(tmp, qdir, bits, plan.model_class, ids, merged_logits)
+        quantization = merge_verify.quantize_export(tmp, qdir, bits, plan.model_class, ids, merged_logits, max_shard_bytes)
         for path in tmp.iterdir():  # tokenizer, recipe, labels; the quantized folder has its own config and weights
             if not path.name.startswith("model") and not (qdir / path.name).exists():
                 shutil.move(str(path), qdir / path.name)
@@ -301,7 +319,7 @@ def _report(plan: MergePlan, out: Path, written: _Written, verification, quantiz
         verification=verification.as_dict() if verification else None,
         quantization=quantization,
         seconds=seconds,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=_peak_rss(),
         versions=_versions(),
     )
 
@@ -342,6 +360,15 @@ def _rounding_summary(lost: dict[str, float] | None) -> dict | None:
         return None
     worst = max(lost, key=lost.get)
     return {"max": round(lost[worst], 4), "module": worst, "mean": round(sum(lost.values()) / len(lost), 4)}
+
+
+def _peak_rss() -> int:
+    """This process's RSS high-water mark: VmHWM, since Linux carries ru_maxrss over from the parent at fork."""
+    try:
+        with open("/proc/self/status") as f:
+            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _versions() -> dict:

@@ -51,7 +51,7 @@ class MergePlan:
     """The decisions: output dtype, config and architecture, method, and (streaming) every tensor's source."""
 
     inputs: MergeInputs
-    adapter: object  # merge_streaming.AdapterWeights
+    adapter: object  # merge_lora.AdapterWeights
     dtype: object  # torch.dtype
     config: object  # transformers.PretrainedConfig of the merged model
     model_class: type  # the Auto class that loads it
@@ -219,6 +219,7 @@ def plan_merge(inputs: MergeInputs, dtype=None, method: str | None = None) -> Me
     import transformers
     from transformers import AutoConfig
 
+    from finetune import merge_lora
     from finetune import merge_streaming as streaming
 
     config = AutoConfig.from_pretrained(inputs.base_dir)
@@ -230,7 +231,7 @@ def plan_merge(inputs: MergeInputs, dtype=None, method: str | None = None) -> Me
             "bake the rounding in. Pass --base with the full-precision model."
         )
     dtype = output_dtype(dtype, inputs, config)
-    adapter = streaming.read_adapter(inputs.adapter_dir)
+    adapter = merge_lora.read_adapter(inputs.adapter_dir)
     overrides = config_overrides(inputs, adapter)
     for key, value in overrides.items():
         setattr(config, key, value)

@@ -1,10 +1,10 @@
 """Streaming LoRA merge: read the base checkpoint a slice at a time, add the adapter's update, write the result.
 
-Peak memory is one slice of one tensor (`chunk_elements`, 16M values by default) plus the adapter, whatever the
-model size: base tensors are read as row slices from the safetensors shards, merged in fp32, cast to the output
-dtype and appended to an output shard whose header was written up front (every output shape is known before
-the first byte is written). Everything that can go wrong with the inputs is found by `plan_streaming_merge`,
-before anything is written.
+Memory is bounded by one slice of one tensor (`chunk_elements`, 4M values: <0.1 GB of fp32 working tensors)
+plus the adapter, whatever the model or shard size: base tensors are read as row slices with plain file reads,
+merged in fp32, cast to the output dtype and appended to an output shard whose header was written up front
+(every output shape is known before the first byte is written). Everything that can go wrong with the inputs is
+found by `plan_streaming_merge`, before anything is written.
 """
 
 from __future__ import annotations
@@ -12,25 +12,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from contextlib import ExitStack
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from transformers.pytorch_utils import Conv1D
 
 from finetune.errors import FinetuneError
-
-PEFT_PREFIX = "base_model.model."
-
-# adapter_config.json fields that change what a LoRA layer computes beyond `scale * B @ A` (plus DoRA, handled
-# here); an adapter using any of them is merged by PEFT's own `merge_and_unload` instead.
-_VARIANT_FIELDS = (
-    "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
-    "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config", "use_qalora",
-    "megatron_config",
-)  # fmt: skip
+from finetune.merge_lora import AdapterWeights, LoraUpdate
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
@@ -38,123 +28,6 @@ SAFETENSORS_DTYPES = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
 TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# The adapter
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoraUpdate:
-    """The update of one base weight: `scale * B @ A`, transposed for embeddings and Conv1D (`fan_in_fan_out`),
-    and for DoRA rescaled row by row to `magnitude` (PEFT's `DoraLinearVariant.merge_safe`)."""
-
-    module: str
-    a: torch.Tensor  # [r, in] (embedding: [r, num_embeddings])
-    b: torch.Tensor  # [out, r] (embedding: [dim, r])
-    scale: float
-    transposed: bool = False
-    magnitude: torch.Tensor | None = None  # DoRA: one value per output row
-
-    @property
-    def weight_shape(self) -> tuple[int, int]:
-        rows, cols = self.b.shape[0], self.a.shape[1]
-        return (cols, rows) if self.transposed else (rows, cols)
-
-    def delta(self, start: int, stop: int) -> torch.Tensor:
-        """Rows `start:stop` of the fp32 update (same operation order as PEFT's `get_delta_weight`)."""
-        if self.transposed:
-            return (self.b @ self.a[:, start:stop]).T * self.scale
-        return (self.b[start:stop] @ self.a) * self.scale
-
-    def apply(self, rows: torch.Tensor, start: int) -> torch.Tensor:
-        """Merged fp32 rows `start:start+len(rows)` of the weight whose base rows are `rows`."""
-        merged = rows.float() + self.delta(start, start + rows.shape[0])
-        if self.magnitude is not None:
-            norm = torch.linalg.norm(merged, dim=1)
-            merged = (self.magnitude[start : start + rows.shape[0]] / norm).unsqueeze(1) * merged
-        return merged
-
-
-@dataclass
-class AdapterWeights:
-    """An adapter's tensors, sorted by what the merge does with them (names are the model's parameter names)."""
-
-    config: dict
-    updates: dict[str, LoraUpdate] = field(default_factory=dict)  # "model.layers.0.self_attn.q_proj.weight" -> update
-    replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save, saved embeddings, biases
-    unsupported: list[str] = field(default_factory=list)  # why the streaming merge cannot reproduce it exactly
-
-    @property
-    def kind(self) -> str:
-        peft_type = str(self.config.get("peft_type", "LORA")).upper()
-        if peft_type != "LORA":
-            return peft_type.lower()
-        return "dora" if self.config.get("use_dora") else ("rslora" if self.config.get("use_rslora") else "lora")
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's `get_pattern_key` rule: a pattern applies when it matches the end of the module name."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
-def read_adapter(adapter_dir: Path) -> AdapterWeights:
-    """Read adapter_config.json and adapter_model.safetensors; note anything the streaming merge cannot do."""
-    from safetensors.torch import load_file
-
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    adapter = AdapterWeights(config=config)
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        adapter.unsupported.append(f"peft_type {config.get('peft_type')} (only LoRA and DoRA are merged by streaming)")
-        return adapter
-    adapter.unsupported += [f"adapter_config.{name} is set" for name in _VARIANT_FIELDS if config.get(name)]
-
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        name = key.removeprefix(PEFT_PREFIX)
-        match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
-                             r"lora_magnitude_vector(?:\.weight)?)", name)  # fmt: skip
-        if match:
-            factors.setdefault(match[1], {})[match[2].split(".")[0]] = tensor
-        elif "lora_" in name or "trainable_tokens" in name:
-            adapter.unsupported.append(f"adapter tensor {key}")
-        else:  # modules_to_save copies, full embeddings saved beside an embedding LoRA, trained biases
-            adapter.replacements[name.replace(".base_layer.", ".")] = tensor
-
-    for module, parts in factors.items():
-        embedding = "lora_embedding_A" in parts
-        a = parts.get("lora_embedding_A" if embedding else "lora_A")
-        b = parts.get("lora_embedding_B" if embedding else "lora_B")
-        if a is None or b is None or a.dim() != 2:
-            adapter.unsupported.append(f"module {module} ({'conv ' if a is not None and a.dim() > 2 else ''}LoRA layer)")
-            continue
-        r = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
-        if r != a.shape[0]:
-            raise FinetuneError(
-                f"adapter_config.json gives module {module} rank {r}, but its lora_A weight has rank {a.shape[0]}: "
-                "the adapter folder is inconsistent."
-            )
-        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        transposed = embedding or bool(config.get("fan_in_fan_out"))
-        magnitude = parts.get("lora_magnitude_vector")
-        if magnitude is not None and transposed:
-            adapter.unsupported.append(f"module {module} (DoRA on an embedding or Conv1D layer)")
-            continue
-        adapter.updates[f"{module}.weight"] = LoraUpdate(
-            module=module,
-            a=a.float(),
-            b=b.float(),
-            scale=scale,
-            transposed=transposed,
-            magnitude=None if magnitude is None else magnitude.float(),
-        )
-    return adapter
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +41,7 @@ class BaseTensor:
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int  # where its bytes start in `file`
 
 
 @dataclass
@@ -206,12 +80,38 @@ def base_checkpoint(base_dir: Path) -> dict[str, BaseTensor]:
             f"base model {base_dir} has no safetensors weights (model.safetensors or its index; pickle files: {found}). "
             "The streaming merge reads safetensors only; use --method peft."
         )
+    missing = [name for name in files if not (base_dir / name).is_file()]
+    if missing:
+        raise FinetuneError(f"base model {base_dir}: its index names {', '.join(missing)}, which is missing.")
     tensors = {}
     for name in files:
-        with safe_open(base_dir / name, framework="pt") as f:
-            for key in f.keys():
-                piece = f.get_slice(key)
-                tensors[key] = BaseTensor(base_dir / name, key, tuple(piece.get_shape()), TORCH_DTYPES[piece.get_dtype()])
+        tensors.update(_read_header(base_dir / name))
+    return tensors
+
+
+def _read_header(path: Path) -> dict[str, BaseTensor]:
+    """A safetensors file's tensor table, checked against the file's size (the format: an 8-byte little-endian
+    header length, a JSON header of {name: {dtype, shape, data_offsets}}, then the data)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(length)) if 8 + length <= size else None
+        except ValueError:  # not JSON, not UTF-8
+            header = None
+    if not isinstance(header, dict):
+        raise FinetuneError(f"{path} is not a safetensors file.")
+    header.pop("__metadata__", None)
+    tensors = {}
+    for key, info in header.items():
+        dtype = TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise FinetuneError(f"{path}: tensor {key} has dtype {info['dtype']}, which the streaming merge does not read.")
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end - begin != math.prod(shape) * dtype.itemsize or 8 + length + end > size:
+            raise FinetuneError(f"{path}: tensor {key} has inconsistent offsets; the file is damaged.")
+        tensors[key] = BaseTensor(path, key, shape, dtype, 8 + length + begin)
     return tensors
 
 
@@ -251,7 +151,10 @@ def plan_streaming_merge(
     for key, update in adapter.updates.items():
         if key not in targets:
             problems.append(f"adapter module {update.module} matches no weight of the base model")
-        elif update.weight_shape != targets[key]:
+            continue
+        if isinstance(model.get_submodule(update.module), Conv1D):
+            update.transposed = True  # GPT-2-style layers store [in, out]
+        if update.weight_shape != targets[key]:
             problems.append(
                 f"{update.module}: the adapter's update has shape {list(update.weight_shape)} "
                 f"but the base weight {key} has shape {list(targets[key])}"
@@ -264,7 +167,7 @@ def plan_streaming_merge(
                 f"adapter tensor {key} has shape {list(tensor.shape)} but the model expects {list(targets[key])}"
             )
     for key, tensor in sources.items():
-        if tensor.shape != targets[key]:
+        if tensor.shape != targets[key] and key not in adapter.replacements:  # (a replacement supersedes it)
             problems.append(
                 f"base checkpoint tensor {tensor.key} has shape {list(tensor.shape)} but its config.json "
                 f"gives {key} shape {list(targets[key])}"
@@ -303,11 +206,11 @@ def plan_streaming_merge(
         )
 
     def output(key: str, source: BaseTensor | None) -> OutputTensor:
-        floating = (source.dtype if source is not None else adapter.replacements[key].dtype).is_floating_point
+        stored = source.dtype if source is not None else adapter.replacements[key].dtype
         return OutputTensor(
             key=key,
             shape=targets[key],
-            dtype=dtype if floating else (source.dtype if source is not None else adapter.replacements[key].dtype),
+            dtype=dtype if stored.is_floating_point else stored,  # integer buffers keep their type
             source=source,
             update=adapter.updates.get(key),
             replacement=adapter.replacements.get(key),
@@ -336,25 +239,35 @@ class StreamingResult:
 
 
 class _BaseReader:
-    """Reads row slices of base tensors, keeping only the current shard open (and mapped)."""
+    """Reads row slices of base tensors with plain file reads (not a memory map, whose touched pages would count
+    towards the process's memory up to a whole shard), keeping one shard file open at a time."""
 
     def __init__(self) -> None:
-        self._stack = ExitStack()
-        self._file: Path | None = None
-        self._handle = None
+        self._path: Path | None = None
+        self._file = None
 
     def rows(self, tensor: BaseTensor, start: int, stop: int) -> torch.Tensor:
-        if tensor.file != self._file:
+        if tensor.file != self._path:
             self.close()
-            self._handle = self._stack.enter_context(safe_open(tensor.file, framework="pt"))
-            self._file = tensor.file
-        if not tensor.shape:
-            return self._handle.get_tensor(tensor.key)
-        return self._handle.get_slice(tensor.key)[start:stop]
+            self._file, self._path = open(tensor.file, "rb"), tensor.file
+        row_bytes = math.prod(tensor.shape[1:]) * tensor.dtype.itemsize
+        data = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        self._file.seek(tensor.offset + start * row_bytes)
+        if self._file.readinto(data.numpy()) != data.numel():
+            raise FinetuneError(f"{tensor.file} ended inside tensor {tensor.key}; the file is damaged.")
+        shape = (stop - start, *tensor.shape[1:]) if tensor.shape else ()
+        return data.view(tensor.dtype).reshape(shape)
 
     def close(self) -> None:
-        self._stack.close()
-        self._stack, self._file, self._handle = ExitStack(), None, None
+        if self._file is not None:
+            self._file.close()
+        self._path, self._file = None, None
+
+    def __enter__(self) -> _BaseReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _chunks(tensor: OutputTensor, reader: _BaseReader, chunk_elements: int, lost: dict) -> Iterator[torch.Tensor]:
@@ -373,12 +286,17 @@ def _chunks(tensor: OutputTensor, reader: _BaseReader, chunk_elements: int, lost
         if update is None:
             yield base.to(tensor.dtype)
             continue
-        merged = update.apply(base, start)
+        measure = tensor.dtype != torch.float32
+        merged, size = update.apply(base, start, measure)
         out = merged.to(tensor.dtype)
-        if tensor.dtype != torch.float32:
-            delta = merged - base.float()
-            err += float((out.float() - base.to(tensor.dtype).float() - delta).pow(2).sum())
-            norm += float(delta.pow(2).sum())
+        if measure:
+            # Of the update (merged - W), the part the rounded output lost. The base's own rounding (an fp32 base
+            # saved as bf16) is not the update's loss, so it is taken out.
+            lost_part = out.float().sub_(merged)
+            if base.dtype != tensor.dtype:
+                lost_part.sub_(base.to(tensor.dtype).float().sub_(base))
+            err += float(torch.linalg.vector_norm(lost_part)) ** 2
+            norm += size
         yield out
     if update is not None and norm > 0:
         lost[update.module] = math.sqrt(err / norm)
@@ -409,15 +327,14 @@ def _header(tensors: list[OutputTensor]) -> bytes:
 
 
 def write_streaming_merge(
-    plan: StreamingPlan, out_dir: Path, max_shard_bytes: int, chunk_elements: int = 1 << 24
+    plan: StreamingPlan, out_dir: Path, max_shard_bytes: int, chunk_elements: int = 1 << 22
 ) -> StreamingResult:
     """Write the merged checkpoint (shards and, when sharded, the index) into `out_dir`."""
     shards = _shards(plan.tensors, max_shard_bytes)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    reader = _BaseReader()
     lost: dict[str, float] = {}
-    try:
+    with _BaseReader() as reader:
         for name, tensors in zip(names, shards):
             with open(out_dir / name, "wb") as f:
                 f.write(_header(tensors))
@@ -429,8 +346,6 @@ def write_streaming_merge(
                         written += data.nbytes
                     if written != tensor.nbytes:  # a chunking bug would corrupt every later offset
                         raise RuntimeError(f"wrote {written} bytes for {tensor.key}, expected {tensor.nbytes}")
-    finally:
-        reader.close()
     total = sum(t.nbytes for t in plan.tensors)
     if n > 1:
         index = {
