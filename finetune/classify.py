@@ -1,219 +1,20 @@
 """Sequence classification with encoders (BERT-style) and decoders (Llama-style): LoRA + a trained head, via the Trainer.
 
-The flow mirrors SFT: rows → label map → tokens → model with a new head → adapter (head trained in full) → train →
-save adapter + head, tokenizer, `labels.json` → full evaluation report and confusion matrix beside them.
+The flow mirrors SFT: rows → label map → tokens (finetune/class_data.py) → model with a new head → adapter (head
+trained in full) → train → save adapter + head, tokenizer, `labels.json` → full evaluation report and confusion
+matrix beside them. `finetune predict` (finetune/predict.py) loads what a run saved.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.errors import DataError, RecipeError
-from finetune.recipe import ClassificationConfig, DataSource, Recipe
+from finetune.class_data import LabelMap, prepare_classification_data, tokenize_classification
+from finetune.errors import RecipeError
+from finetune.recipe import Recipe
 
 log = logging.getLogger("finetune")
-
-LABELS_FILE = "labels.json"
-
-# --------------------------------------------------------------------------------------------
-# Labels
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LabelMap:
-    """Class names in id order, fixed by the training data; saved as `labels.json` beside the adapter."""
-
-    names: tuple[str, ...]
-    multi_label: bool = False
-
-    @classmethod
-    def from_training(cls, labels: list, multi_label: bool) -> LabelMap:
-        """Sorted distinct labels: numerically when every label is an integer, else by name (deterministic)."""
-        values = {v for row in labels for v in row}
-        if values and all(isinstance(v, int) for v in values):
-            names = [str(v) for v in sorted(values)]
-        else:
-            names = sorted({str(v) for v in values})
-        return cls(tuple(names), multi_label)
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.names)}
-
-    def encode(self, labels: tuple) -> int | list[float]:
-        """A class id (single-label), or a multi-hot float row (multi-label, the dtype BCE needs)."""
-        ids = self.label2id
-        if self.multi_label:
-            row = [0.0] * len(self.names)
-            for label in labels:
-                row[ids[str(label)]] = 1.0
-            return row
-        return ids[str(labels[0])]
-
-    def config_kwargs(self) -> dict:
-        """What `AutoModelForSequenceClassification.from_pretrained` needs to build the head for these labels."""
-        return dict(
-            num_labels=len(self.names),
-            id2label=dict(enumerate(self.names)),
-            label2id=self.label2id,
-            problem_type="multi_label_classification" if self.multi_label else "single_label_classification",
-        )
-
-    def as_json(self) -> dict:
-        return {
-            "id2label": {str(i): name for i, name in enumerate(self.names)},
-            "label2id": self.label2id,
-            "multi_label": self.multi_label,
-        }
-
-    def save(self, folder: Path) -> Path:
-        path = Path(folder) / LABELS_FILE
-        path.write_text(json.dumps(self.as_json(), indent=2) + "\n")
-        return path
-
-    @classmethod
-    def load(cls, folder: Path) -> LabelMap:
-        data = json.loads((Path(folder) / LABELS_FILE).read_text())
-        id2label = data["id2label"]
-        return cls(tuple(id2label[str(i)] for i in range(len(id2label))), bool(data["multi_label"]))
-
-
-# --------------------------------------------------------------------------------------------
-# Rows
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ClassRows:
-    """Checked rows ({text, text_pair, labels, origin}) and what was left out on the way."""
-
-    rows: list[dict]
-    skipped: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
-def parse_row(row: dict, config: ClassificationConfig) -> dict:
-    """{text, text_pair, labels} of one row; ValueError says what is wrong. `labels` is a tuple (one item unless multi-label)."""
-    from finetune.data import _text
-
-    text = _text(row, config.text_column)
-    pair = _text(row, config.text_pair_column) if config.text_pair_column else None
-    value = row.get(config.label_column)
-    if config.multi_label:
-        if not isinstance(value, list):
-            raise ValueError(f"'{config.label_column}' must be a list of labels (multi_label), got {type(value).__name__}")
-        labels = tuple(dict.fromkeys(_label(v, config.label_column) for v in value))
-    else:
-        labels = (_label(value, config.label_column),)
-    return {"text": text, "text_pair": pair, "labels": labels}
-
-
-def _label(value, column: str) -> str | int:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"'{column}' must be a string or an integer, got {type(value).__name__}")
-    if isinstance(value, str) and not value.strip():
-        raise ValueError(f"'{column}' is empty")
-    return value
-
-
-def load_classification_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | None = None) -> ClassRows:
-    """Read and check every row; bad rows raise with their file and row (or are skipped and counted, per `on_bad_row`)."""
-    from finetune.data import is_local, local_path, read_source_with_skips
-
-    c, on_bad_row = recipe.classification, recipe.data.on_bad_row
-    out = ClassRows(rows=[])
-    for source in sources:
-        ds, unreadable = read_source_with_skips(source, base_dir, on_bad_row)
-        out.skipped += len(unreadable)
-        out.problems += unreadable
-        needed = [c.text_column, c.label_column] + ([c.text_pair_column] if c.text_pair_column else [])
-        missing = [name for name in needed if name not in ds.column_names]
-        if missing:
-            raise DataError(
-                f"{source.path}: no column(s) {missing}; the data has {ds.column_names}. Set classification.text_column/"
-                "text_pair_column/label_column, or map yours with `columns:` in the data source."
-            )
-        by_file = is_local(source) and local_path(source, base_dir).is_dir()  # a folder source: name the file
-        for index, row in enumerate(ds):
-            origin = row["file"] if by_file else f"{source.path}, row {index + 1}"
-            try:
-                out.rows.append({**parse_row(row, c), "origin": origin})
-            except ValueError as exc:
-                problem = f"{origin}: {exc}"
-                if on_bad_row == "error":
-                    raise DataError(problem + "  (set data.on_bad_row: skip to drop such rows and count them)") from None
-                out.skipped += 1
-                out.problems.append(problem)
-    if out.skipped:
-        log.warning("Skipped %d unusable row(s); first: %s", out.skipped, out.problems[0])
-    if not out.rows:
-        raise DataError(f"no usable rows in {', '.join(s.path for s in sources)}")
-    return out
-
-
-def check_labels(rows: list[dict], labels: LabelMap) -> None:
-    """Every label of the evaluation rows must be one the model has a class for."""
-    known = labels.label2id
-    for row in rows:
-        for label in row["labels"]:
-            if str(label) not in known:
-                raise DataError(
-                    f"{row['origin']}: label {str(label)!r} does not occur in the training data "
-                    f"(labels: {', '.join(labels.names)}). The model has no class for it: fix the row, or add "
-                    "training rows with this label."
-                )
-
-
-@dataclass
-class ClassificationData:
-    train_rows: list[dict]
-    eval_rows: list[dict]
-    labels: LabelMap
-    skipped: int
-
-
-def prepare_classification_data(recipe: Recipe) -> ClassificationData:
-    """Train/eval rows (seeded split when `data.eval_fraction`) and the label map of the training data.
-
-    The label map is built from all rows of `data.train` *before* the held-out split, so a rare class that lands
-    entirely in the held-out part still has a class (and is reported, not a crash).
-    """
-    from finetune.data import split_rows
-
-    c = recipe.classification
-    train = load_classification_rows(recipe.data.train, recipe)
-    labels = LabelMap.from_training([r["labels"] for r in train.rows], c.multi_label)
-    if not c.multi_label and len(labels.names) < 2:
-        raise DataError(f"the training data has {len(labels.names)} label ({', '.join(labels.names)}); a classifier needs at least 2.")
-    skipped, train_rows, eval_rows = train.skipped, train.rows, []
-    if recipe.data.eval:
-        held = load_classification_rows(recipe.data.eval, recipe)
-        eval_rows, skipped = held.rows, skipped + held.skipped
-    if recipe.data.eval_fraction:
-        train_rows, eval_rows = split_rows(train_rows, recipe.data.eval_fraction, recipe.data.seed)
-        seen = {str(label) for r in train_rows for label in r["labels"]}
-        unseen = [name for name in labels.names if name not in seen]
-        if unseen:
-            log.warning("Label(s) %s occur only in the held-out rows; the model will not learn them.", unseen)
-    check_labels(eval_rows, labels)
-    return ClassificationData(train_rows, eval_rows, labels, skipped)
-
-
-def tokenize_classification(rows: list[dict], tokenizer, labels: LabelMap, max_length: int):
-    """A `datasets.Dataset` of token ids (truncated to `max_length`) and `labels`; padding is left to the collator."""
-    import datasets
-
-    pairs = [r["text_pair"] for r in rows] if rows and rows[0]["text_pair"] is not None else None
-    encoded = tokenizer([r["text"] for r in rows], pairs, truncation=True, max_length=max_length)
-    columns = dict(encoded)
-    columns["labels"] = [labels.encode(r["labels"]) for r in rows]
-    return datasets.Dataset.from_dict(columns)
-
 
 # --------------------------------------------------------------------------------------------
 # Model
@@ -241,16 +42,30 @@ def match_pad_token(model, tokenizer) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def check_max_length(recipe: Recipe, path: str) -> int:
-    """`data.max_length`, capped at the model's position table (BERT-style models have 512 positions)."""
+def check_max_length(recipe: Recipe, path: str, tokenizer) -> int:
+    """`data.max_length`, capped at what the model can read: its position table (512 for BERT-style models) and
+    the tokenizer's `model_max_length` (RoBERTa's table has 514 rows for 512 tokens; "unknown" is a huge number)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
-    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if positions and recipe.data.max_length > positions:
-        log.warning("data.max_length %d > the model's %d positions: truncating to %d tokens.", recipe.data.max_length, positions, positions)
-        return positions
+    limits = [getattr(config.get_text_config(), "max_position_embeddings", None), tokenizer.model_max_length]
+    limit = min((n for n in limits if n and n < 1_000_000), default=None)
+    if limit and recipe.data.max_length > limit:
+        log.warning("data.max_length %d > the %d tokens this model reads: truncating to %d.", recipe.data.max_length, limit, limit)
+        return limit
     return recipe.data.max_length
+
+
+def use_exact_cpu_kernels(model) -> None:
+    """Keep bitsandbytes' fp32 4-bit kernel on CPU for every forward pass.
+
+    On CPUs with AVX512-bf16, a 4-bit layer repacks its weights for a faster bf16 kernel the first time it runs
+    in eval mode on an input without grad, so evaluations during training, the final report and later predictions
+    would mix two kernels (logits differ by ~1e-3) and `finetune predict` could not reproduce the eval metrics.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def check_quantized_head(model, heads: list[str]) -> None:
@@ -394,7 +209,15 @@ def run_classification(recipe: Recipe):
     from finetune.adapters import attach_adapter, count_parameters, dtype_bytes, load_model, load_tokenizer
     from finetune.models import resolve_model_path
     from finetune.plan import make_plan
-    from finetune.train import RunResult, callbacks, prepare_run, training_arguments
+    from finetune.train import (
+        RunResult,
+        callbacks,
+        check_trainer_world,
+        final_evaluation,
+        prepare_run,
+        save_run_files,
+        training_arguments,
+    )
 
     runtime, out = prepare_run(recipe)
     state = PartialState()
@@ -405,7 +228,7 @@ def run_classification(recipe: Recipe):
     data = prepare_classification_data(recipe)
     metrics = ClassificationMetrics(data.labels, recipe.eval.metrics)
     check_best_metric(recipe, metrics)
-    max_length = check_max_length(recipe, path)
+    max_length = check_max_length(recipe, path, tokenizer)
     train_ds = tokenize_classification(data.train_rows, tokenizer, data.labels, max_length)
     eval_ds = tokenize_classification(data.eval_rows, tokenizer, data.labels, max_length) if data.eval_rows else None
 
@@ -413,6 +236,8 @@ def run_classification(recipe: Recipe):
     match_pad_token(model, tokenizer)
     heads = head_modules(model)  # found on the model before PEFT wraps it
     check_quantized_head(model, heads)
+    if recipe.is_quantized and runtime.device == "cpu":
+        use_exact_cpu_kernels(model)
     model = attach_adapter(model, recipe, task_type="SEQ_CLS", head_modules=heads)
 
     loss_func = None
@@ -431,6 +256,7 @@ def run_classification(recipe: Recipe):
         compute_loss_func=loss_func,
         callbacks=callbacks(recipe),
     )
+    check_trainer_world(trainer)
     counts = count_parameters(trainer.model, dtype_bytes(runtime.dtype_name))
     plan = make_plan(recipe, runtime, counts, len(train_ds), len(eval_ds) if eval_ds else 0, data.skipped, recipe.model.name_or_path)
     if runtime.is_main:
@@ -441,16 +267,14 @@ def run_classification(recipe: Recipe):
     trainer.save_model(str(out))  # PEFT folder: adapter + head (modules_to_save), and the tokenizer
     extra: dict = {"skipped_rows": data.skipped, "labels": list(data.labels.names), "heads": heads}
     if eval_ds is not None:
-        # With load_best_model_at_end this evaluates the best checkpoint, which is also the one just saved.
-        extra["eval"] = trainer.evaluate()
+        # The saved model's metrics: the last evaluation when it ran at the final step (then `last_report` is its
+        # report), else a fresh one (e.g. of the best checkpoint, reloaded by load_best_model_at_end).
+        extra["eval"] = final_evaluation(trainer, recipe)
     if trainer.is_world_process_zero():
         data.labels.save(out)
         if eval_ds is not None:
             write_eval_report(out, {"loss": extra["eval"].get("eval_loss"), **metrics.last_report}, data.labels)
-    with contextlib.suppress(Exception):
-        trainer.accelerator.wait_for_everyone()
-    from finetune.train import save_run_files
-
+    trainer.accelerator.wait_for_everyone()
     result = save_run_files(trainer, recipe, out, plan, extra)
     return RunResult(result, trainer.model, tokenizer, out)
 

@@ -136,9 +136,7 @@ def read_text_folder(folder: Path, on_bad_row: str = "error") -> Rows:
     if not out.rows:
         unreadable = f" ({out.skipped} unreadable)" if out.skipped else ""
         raise DataError(f"{folder}: no text files in class sub-folders{unreadable}; expected {folder}/<label>/<name>.txt")
-    if out.skipped:
-        log.warning("Left out %d unreadable file(s) of %s; first: %s", out.skipped, folder, out.problems[0])
-    return out
+    return out  # the caller reports what was left out, with the rows it skipped itself
 
 
 def _select_and_rename(ds, source: DataSource):

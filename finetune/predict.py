@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ class Classifier:
 
 def run_folder(target: str | Path) -> Path:
     """A run's folder from a run folder, or from a recipe (its `output.dir`)."""
-    from finetune.classify import LABELS_FILE
+    from finetune.class_data import LABELS_FILE
     from finetune.recipe import load_recipe
 
     target = Path(target)
@@ -46,7 +47,8 @@ def load_classifier(target: str | Path) -> Classifier:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from finetune.adapters import load_model
-    from finetune.classify import LabelMap, check_max_length, match_pad_token
+    from finetune.class_data import LabelMap
+    from finetune.classify import check_max_length, match_pad_token, use_exact_cpu_kernels
     from finetune.models import resolve_model_path
     from finetune.recipe import load_recipe
     from finetune.runtime import resolve_runtime
@@ -57,17 +59,35 @@ def load_classifier(target: str | Path) -> Classifier:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     base = resolve_model_path(recipe.model)
     has_adapter = (folder / "adapter_config.json").is_file()
-    model = load_model(
-        recipe, resolve_runtime(recipe), base if has_adapter else str(folder), AutoModelForSequenceClassification,
-        **labels.config_kwargs(),
-    )
+    runtime = resolve_runtime(recipe)
+    with quiet_transformers():  # its load report lists the head as "newly initialized": the adapter brings it next
+        model = load_model(
+            recipe, runtime, base if has_adapter else str(folder), AutoModelForSequenceClassification, **labels.config_kwargs()
+        )
     match_pad_token(model, tokenizer)
+    if recipe.is_quantized and runtime.device == "cpu":
+        use_exact_cpu_kernels(model)  # the kernel training and its evaluation used
     if has_adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, folder)
     model.eval()
-    return Classifier(model, tokenizer, labels, check_max_length(recipe, base), recipe)
+    return Classifier(model, tokenizer, labels, check_max_length(recipe, base, tokenizer), recipe)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def predict_logits(classifier: Classifier, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32):
@@ -101,6 +121,11 @@ def top_labels(classifier: Classifier, logits, top_k: int) -> list[dict]:
 
 def read_texts(args, classifier: Classifier) -> tuple[list[str], list[str] | None]:
     """Texts from --text, and from --file: one per line, or a .jsonl file with the run's text (and pair) column."""
+    c = classifier.recipe.classification
+    if c.text_pair_column and (args.text or not (args.file or "").endswith(".jsonl")):
+        raise FinetuneError(
+            f"this run classifies text pairs ({c.text_column}, {c.text_pair_column}): give them in a .jsonl --file"
+        )
     texts = list(args.text or [])
     pairs: list[str] | None = None
     if args.file:
@@ -108,16 +133,21 @@ def read_texts(args, classifier: Classifier) -> tuple[list[str], list[str] | Non
         if not path.is_file():
             raise FinetuneError(f"--file: {path} not found")
         if path.suffix == ".jsonl":
-            c = classifier.recipe.classification
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            for number, row in enumerate(rows, 1):
-                if not isinstance(row.get(c.text_column), str):
-                    raise FinetuneError(f"{path}, line {number}: no '{c.text_column}' string (classification.text_column)")
+            columns = [c.text_column] + ([c.text_pair_column] if c.text_pair_column else [])
+            rows = []
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise FinetuneError(f"{path}, line {number}: invalid JSON ({exc.msg})") from None
+                missing = [name for name in columns if not isinstance(row, dict) or not isinstance(row.get(name), str)]
+                if missing:
+                    raise FinetuneError(f"{path}, line {number}: no text in {missing} (the run's classification columns)")
+                rows.append(row)
             texts += [row[c.text_column] for row in rows]
-            if c.text_pair_column:
-                if args.text:
-                    raise FinetuneError("this run classifies text pairs: give them in a .jsonl --file, not with --text")
-                pairs = [row.get(c.text_pair_column, "") for row in rows]
+            pairs = [row[c.text_pair_column] for row in rows] if c.text_pair_column else None
         else:
             texts += [line for line in path.read_text().splitlines() if line.strip()]
     if not texts:

