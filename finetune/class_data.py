@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.errors import DataError
 from finetune.recipe import ClassificationConfig, DataSource, Recipe
+
+if TYPE_CHECKING:
+    from finetune.data import Rows
 
 log = logging.getLogger("finetune")
 
@@ -87,15 +91,6 @@ class LabelMap:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ClassRows:
-    """Checked rows ({text, text_pair, labels, origin}) and what was left out on the way."""
-
-    rows: list[dict]
-    skipped: int = 0
-    problems: list[str] = field(default_factory=list)
-
-
 def parse_row(row: dict, config: ClassificationConfig) -> dict:
     """{text, text_pair, labels} of one row; ValueError says what is wrong. `labels` is a tuple (one item unless multi-label)."""
     from finetune.data import _text
@@ -120,12 +115,12 @@ def _label(value, column: str) -> str | int:
     return value
 
 
-def load_classification_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | None = None) -> ClassRows:
+def load_classification_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | None = None) -> Rows:
     """Read and check every row; bad rows raise with their file and row (or are skipped and counted, per `on_bad_row`)."""
-    from finetune.data import is_local, local_path, read_source_with_skips
+    from finetune.data import Rows, is_local, local_path, read_source_with_skips
 
     c, on_bad_row = recipe.classification, recipe.data.on_bad_row
-    out = ClassRows(rows=[])
+    out = Rows(rows=[])
     for source in sources:
         ds, unreadable = read_source_with_skips(source, base_dir, on_bad_row)
         out.skipped += len(unreadable)
@@ -140,19 +135,8 @@ def load_classification_rows(sources: list[DataSource], recipe: Recipe, base_dir
         by_file = is_local(source) and local_path(source, base_dir).is_dir()  # a folder source: name the file
         for index, row in enumerate(ds):
             origin = row["file"] if by_file else f"{source.path}, row {index + 1}"
-            try:
-                out.rows.append({**parse_row(row, c), "origin": origin})
-            except ValueError as exc:
-                problem = f"{origin}: {exc}"
-                if on_bad_row == "error":
-                    raise DataError(problem + "  (set data.on_bad_row: skip to drop such rows and count them)") from None
-                out.skipped += 1
-                out.problems.append(problem)
-    if out.skipped:
-        log.warning("Skipped %d unusable row(s); first: %s", out.skipped, out.problems[0])
-    if not out.rows:
-        raise DataError(f"no usable rows in {', '.join(s.path for s in sources)}")
-    return out
+            out.add(origin, lambda row=row, origin=origin: {**parse_row(row, c), "origin": origin}, on_bad_row)
+    return out.checked(sources)
 
 
 def check_labels(rows: list[dict], labels: LabelMap) -> None:

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from finetune.errors import DataError, FinetuneError
 from finetune.models import PACKAGE_SCHEME, resolve_package_path
@@ -261,11 +261,30 @@ def normalise_row(row: dict, fmt: str, system_prompt: str | None, chat: bool) ->
 
 @dataclass
 class Rows:
-    """Canonical rows of one split and what was dropped on the way."""
+    """Checked rows of one split and what was dropped on the way."""
 
     rows: list[dict]
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
+
+    def add(self, origin: str, build: Callable[[], dict], on_bad_row: str) -> None:
+        """Append the row `build` returns; its ValueError is the row's problem: raised with `origin`, or counted."""
+        try:
+            self.rows.append(build())
+        except ValueError as exc:
+            problem = f"{origin}: {exc}"
+            if on_bad_row == "error":
+                raise DataError(problem + "  (set data.on_bad_row: skip to drop such rows and count them)") from None
+            self.skipped += 1
+            self.problems.append(problem)
+
+    def checked(self, sources: list[DataSource]) -> Rows:
+        """Report what was skipped; no usable row at all is an error."""
+        if self.skipped:
+            log.warning("Skipped %d unusable row(s); first: %s", self.skipped, self.problems[0])
+        if not self.rows:
+            raise DataError(f"no usable rows in {', '.join(s.path for s in sources)}")
+        return self
 
 
 def load_rows(sources: list[DataSource], config: DataConfig, chat: bool, base_dir: Path | None = None) -> Rows:
@@ -276,19 +295,12 @@ def load_rows(sources: list[DataSource], config: DataConfig, chat: bool, base_di
         fmt = detect_format(ds.column_names, source)
         offset = 1  # rows are numbered from 1 as users count them; JSONL row N is line N
         for index, row in enumerate(ds):
-            try:
-                out.rows.append(normalise_row(row, fmt, config.system_prompt, chat))
-            except ValueError as exc:
-                problem = f"{source.path}, row {index + offset}: {exc}"
-                if config.on_bad_row == "error":
-                    raise DataError(problem + "  (set data.on_bad_row: skip to drop such rows and count them)") from None
-                out.skipped += 1
-                out.problems.append(problem)
-    if out.skipped:
-        log.warning("Skipped %d unusable row(s); first: %s", out.skipped, out.problems[0])
-    if not out.rows:
-        raise DataError(f"no usable rows in {', '.join(s.path for s in sources)}")
-    return out
+            out.add(
+                f"{source.path}, row {index + offset}",
+                lambda row=row: normalise_row(row, fmt, config.system_prompt, chat),
+                config.on_bad_row,
+            )
+    return out.checked(sources)
 
 
 # --------------------------------------------------------------------------------------------

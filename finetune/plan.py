@@ -77,7 +77,6 @@ class Plan:
 def optimizer_steps(recipe: Recipe, train_rows: int, processes: int) -> tuple[int, float]:
     """Optimizer steps and epochs the Trainer will run (it drops no partial batch)."""
     t = recipe.train
-    per_step = t.micro_batch_size * t.gradient_accumulation_steps * processes
     steps_per_epoch = max(1, math.ceil(train_rows / (t.micro_batch_size * processes)) // t.gradient_accumulation_steps)
     if t.max_steps:
         return t.max_steps, t.max_steps / steps_per_epoch
