@@ -293,8 +293,11 @@ join_process_group()
 check_world_size()
 t = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(t)
-print("PROBE " + json.dumps({"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": t.item(), "args": sys.argv[1:],
-      "threads": os.environ["OMP_NUM_THREADS"]}), flush=True)
+# One file per rank: two nodes share this machine's stdout, where their lines can interleave.
+report = {"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": t.item(), "args": sys.argv[1:],
+          "threads": os.environ["OMP_NUM_THREADS"]}
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"probe-rank{dist.get_rank()}.json"), "w") as fh:
+    json.dump(report, fh)
 dist.barrier()
 dist.destroy_process_group()
 """
@@ -309,6 +312,6 @@ def test_local_nodes_run_a_real_two_node_job(tmp_path, cpu_recipe, launcher):
     done, _ = launch(cpu_recipe, "train.max_steps=2", "--launcher", launcher, "--nnodes", 2, "--local-nodes",
                      "--main-port", free_port(), "--join-timeout", 60, "--script", probe)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    reports = sorted((json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("PROBE ")), key=lambda r: r["rank"])
+    reports = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("probe-rank*.json"))]
     assert [(r["rank"], r["world"], r["sum"]) for r in reports] == [(0, 2, 3.0), (1, 2, 3.0)]
     assert all(r["args"] == [cpu_recipe, "train.max_steps=2"] for r in reports)
