@@ -35,7 +35,7 @@ def prepare_sft_data(recipe: Recipe, tokenizer, main_first=None):
     kwargs = dict(tokenizer=tokenizer, train_on_inputs=recipe.data.train_on_inputs, cache=cache, on_main_first=main_first)
     train_ds = tokenize_rows(train_rows, **kwargs)
     eval_ds = tokenize_rows(eval_rows, **kwargs) if eval_rows else None
-    return train_ds, eval_ds, skipped, train_rows, eval_rows
+    return train_ds, eval_ds, skipped
 
 
 def keep_trainable_fp32(model) -> None:
@@ -79,7 +79,7 @@ def run_sft(recipe: Recipe):
     with state.main_process_first():
         path = resolve_model_path(recipe.model)
     tokenizer = load_tokenizer(recipe, path)
-    train_ds, eval_ds, skipped, _, eval_rows = prepare_sft_data(recipe, tokenizer, main_first=state.main_process_first)
+    train_ds, eval_ds, skipped = prepare_sft_data(recipe, tokenizer, main_first=state.main_process_first)
 
     model = load_model(recipe, runtime, path, AutoModelForCausalLM)
     eos_ids, note = check_stop_token(tokenizer, model.generation_config)

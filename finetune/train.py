@@ -1,4 +1,4 @@
-"""The runner: recipe → validate → plan → load model → attach adapter → load data → train → save → evaluate.
+"""The runner: recipe → validate → check output folder and data → load model → attach adapter → plan → train → save → evaluate.
 
 The order matters: everything that can fail cheaply (recipe, combinations, output folder, data rows) is checked
 before the model is loaded, so a typo costs seconds, not a model load.
