@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from finetune.errors import DataError, FinetuneError
 from finetune.models import PACKAGE_SCHEME, resolve_package_path
@@ -151,19 +151,26 @@ def _select_and_rename(ds, source: DataSource):
     return ds
 
 
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line; a syntax error or a non-object names its line."""
+    with path.open() as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {number}: invalid JSON ({exc.msg})") from None
+            if not isinstance(value, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(value).__name__}")
+            yield number, value
+
+
 def _check_json(path: Path) -> None:
     """Find the exact line of a JSON syntax error (datasets only says the file failed)."""
     if path.suffix.lower() == ".jsonl":
-        with path.open() as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}, line {number}: invalid JSON ({exc.msg})") from None
-                if not isinstance(value, dict):
-                    raise DataError(f"{path}, line {number}: expected a JSON object, got {type(value).__name__}")
+        for _ in jsonl_rows(path):
+            pass
     else:
         try:
             value = json.loads(path.read_text())

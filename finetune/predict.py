@@ -121,6 +121,8 @@ def top_labels(classifier: Classifier, logits, top_k: int) -> list[dict]:
 
 def read_texts(args, classifier: Classifier) -> tuple[list[str], list[str] | None]:
     """Texts from --text, and from --file: one per line, or a .jsonl file with the run's text (and pair) column."""
+    from finetune.data import jsonl_rows
+
     c = classifier.recipe.classification
     if c.text_pair_column and (args.text or not (args.file or "").endswith(".jsonl")):
         raise FinetuneError(
@@ -135,14 +137,8 @@ def read_texts(args, classifier: Classifier) -> tuple[list[str], list[str] | Non
         if path.suffix == ".jsonl":
             columns = [c.text_column] + ([c.text_pair_column] if c.text_pair_column else [])
             rows = []
-            for number, line in enumerate(path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise FinetuneError(f"{path}, line {number}: invalid JSON ({exc.msg})") from None
-                missing = [name for name in columns if not isinstance(row, dict) or not isinstance(row.get(name), str)]
+            for number, row in jsonl_rows(path):
+                missing = [name for name in columns if not isinstance(row.get(name), str)]
                 if missing:
                     raise FinetuneError(f"{path}, line {number}: no text in {missing} (the run's classification columns)")
                 rows.append(row)
