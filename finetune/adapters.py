@@ -71,6 +71,21 @@ def build_lora_config(recipe: Recipe, task_type: str, head_modules: list[str] | 
     )
 
 
+def load_base(recipe: Recipe):
+    """The base model's loadable path and its tokenizer.
+
+    The main process resolves the path first (a GGUF is converted once and cached); the other ranks then read
+    its cache instead of converting at the same time.
+    """
+    from accelerate import PartialState
+
+    from finetune.models import resolve_model_path
+
+    with PartialState().main_process_first():
+        path = resolve_model_path(recipe.model)
+    return path, load_tokenizer(recipe, path)
+
+
 def load_tokenizer(recipe: Recipe, path: str):
     from transformers import AutoTokenizer
 

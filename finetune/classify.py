@@ -203,11 +203,9 @@ def check_best_metric(recipe: Recipe, metrics: ClassificationMetrics) -> None:
 
 
 def run_classification(recipe: Recipe):
-    from accelerate import PartialState
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
-    from finetune.adapters import attach_adapter, count_parameters, dtype_bytes, load_model, load_tokenizer
-    from finetune.models import resolve_model_path
+    from finetune.adapters import attach_adapter, count_parameters, dtype_bytes, load_base, load_model
     from finetune.plan import make_plan
     from finetune.train import (
         RunResult,
@@ -220,10 +218,7 @@ def run_classification(recipe: Recipe):
     )
 
     runtime, out = prepare_run(recipe)
-    state = PartialState()
-    with state.main_process_first():
-        path = resolve_model_path(recipe.model)
-    tokenizer = load_tokenizer(recipe, path)
+    path, tokenizer = load_base(recipe)
     # Everything that reads data or names a metric comes before the model load: a bad row costs seconds.
     data = prepare_classification_data(recipe)
     metrics = ClassificationMetrics(data.labels, recipe.eval.metrics)

@@ -58,10 +58,9 @@ def run_sft(recipe: Recipe):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from finetune.adapters import attach_adapter, count_parameters, dtype_bytes, load_model, load_tokenizer
+    from finetune.adapters import attach_adapter, count_parameters, dtype_bytes, load_base, load_model
     from finetune.data import check_stop_token
     from finetune.generate import generate_answers
-    from finetune.models import resolve_model_path
     from finetune.plan import make_plan
     from finetune.train import (
         RunResult,
@@ -74,12 +73,9 @@ def run_sft(recipe: Recipe):
     )
 
     runtime, out = prepare_run(recipe)
-    state = PartialState()
-    # Rank 0 converts GGUF / tokenizes first; the other ranks then read its caches instead of racing it.
-    with state.main_process_first():
-        path = resolve_model_path(recipe.model)
-    tokenizer = load_tokenizer(recipe, path)
-    train_ds, eval_ds, skipped = prepare_sft_data(recipe, tokenizer, main_first=state.main_process_first)
+    path, tokenizer = load_base(recipe)
+    # Rank 0 tokenizes first; the other ranks then read its cache instead of racing it.
+    train_ds, eval_ds, skipped = prepare_sft_data(recipe, tokenizer, main_first=PartialState().main_process_first)
 
     model = load_model(recipe, runtime, path, AutoModelForCausalLM)
     eos_ids, note = check_stop_token(tokenizer, model.generation_config)

@@ -6,6 +6,7 @@ before the model is loaded, so a typo costs seconds, not a model load.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -36,9 +37,7 @@ def runtime_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
     problems = []
     q = recipe.quantization
     if q.bits is not None or recipe.train.optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("bitsandbytes") is None:  # whether installed; importing it is slow and noisy
             problems.append(
                 "quantization / 8-bit optimizers need bitsandbytes: pip install 'finetune-kit[quant]' "
                 "(or remove quantization.bits and use train.optimizer: adamw_torch)."
