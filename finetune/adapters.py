@@ -146,11 +146,36 @@ def load_model(recipe: Recipe, runtime: Runtime, path: str, auto_class, **kwargs
     return model
 
 
+def use_exact_4bit_kernels(model) -> None:
+    """Keep every bitsandbytes 4-bit layer on its autograd-capable kernel, in training and evaluation alike.
+
+    On CPUs with AVX512-bf16, bitsandbytes 0.50's `Linear4bit.forward` repacks the weight into an inference layout
+    the first time it runs in eval mode on an input without grad (every evaluation), for good: absmax goes to bf16,
+    double quantization is undone, and every later call, training included, goes to `gemv_4bit`, which has no
+    autograd. The gradient through each frozen 4-bit layer to the layers before it is then lost. The repacking is
+    gated on this per-module flag; `tests/test_quantization.py` pins that gate, so a bitsandbytes that moves it fails.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def repacked_4bit_layers(model) -> list[str]:
+    """Names of 4-bit layers whose weights bitsandbytes repacked for inference (see `use_exact_4bit_kernels`)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if hasattr(module, "support_avx512bf16_for_cpu")  # bitsandbytes' Linear4bit, not PEFT's wrapper around it
+        and getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+    ]
+
+
 def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str] | None = None):
     """Wrap the model with its adapter (and prepare a quantized base for training the way PEFT intends)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if recipe.is_quantized:
+        use_exact_4bit_kernels(model)  # evaluations between training steps must not switch kernels
         # Casts norms and other small float params to fp32 for stable training and freezes the quantized base.
         # Checkpointing is switched on below with the non-deprecated transformers 5 API instead of PEFT's call.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -56,18 +56,6 @@ def check_max_length(recipe: Recipe, path: str, tokenizer) -> int:
     return recipe.data.max_length
 
 
-def use_exact_cpu_kernels(model) -> None:
-    """Keep bitsandbytes' fp32 4-bit kernel on CPU for every forward pass.
-
-    On CPUs with AVX512-bf16, a 4-bit layer repacks its weights for a faster bf16 kernel the first time it runs
-    in eval mode on an input without grad, so evaluations during training, the final report and later predictions
-    would mix two kernels (logits differ by ~1e-3) and `finetune predict` could not reproduce the eval metrics.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
 def check_quantized_head(model, heads: list[str]) -> None:
     """A head quantized by bitsandbytes could neither be trained nor saved; say which key keeps it full precision."""
     for name in heads:
@@ -202,7 +190,7 @@ def check_best_metric(recipe: Recipe, metrics: ClassificationMetrics) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def run_classification(recipe: Recipe):
+def run_classification(recipe: Recipe, extra_callbacks=()):
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
     from finetune.adapters import attach_adapter, count_parameters, dtype_bytes, load_base, load_model
@@ -231,8 +219,6 @@ def run_classification(recipe: Recipe):
     match_pad_token(model, tokenizer)
     heads = head_modules(model)  # found on the model before PEFT wraps it
     check_quantized_head(model, heads)
-    if recipe.is_quantized and runtime.device == "cpu":
-        use_exact_cpu_kernels(model)
     model = attach_adapter(model, recipe, task_type="SEQ_CLS", head_modules=heads)
 
     loss_func = None
@@ -249,7 +235,7 @@ def run_classification(recipe: Recipe):
         processing_class=tokenizer,  # also makes the default collator pad each batch dynamically
         compute_metrics=metrics if eval_ds is not None else None,
         compute_loss_func=loss_func,
-        callbacks=callbacks(recipe),
+        callbacks=callbacks(recipe, extra_callbacks),
     )
     check_trainer_world(trainer)
     counts = count_parameters(trainer.model, dtype_bytes(runtime.dtype_name))
@@ -271,7 +257,7 @@ def run_classification(recipe: Recipe):
             write_eval_report(out, {"loss": extra["eval"].get("eval_loss"), **metrics.last_report}, data.labels)
     trainer.accelerator.wait_for_everyone()
     result = save_run_files(trainer, recipe, out, plan, extra)
-    return RunResult(result, trainer.model, tokenizer, out)
+    return RunResult(result, trainer.model, tokenizer, out, trainer)
 
 
 def write_eval_report(out: Path, report: dict, labels: LabelMap) -> None:

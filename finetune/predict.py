@@ -46,9 +46,9 @@ def load_classifier(target: str | Path) -> Classifier:
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from finetune.adapters import load_model
+    from finetune.adapters import load_model, use_exact_4bit_kernels
     from finetune.class_data import LabelMap
-    from finetune.classify import check_max_length, match_pad_token, use_exact_cpu_kernels
+    from finetune.classify import check_max_length, match_pad_token
     from finetune.models import resolve_model_path
     from finetune.recipe import load_recipe
     from finetune.runtime import resolve_runtime
@@ -65,8 +65,8 @@ def load_classifier(target: str | Path) -> Classifier:
             recipe, runtime, base if has_adapter else str(folder), AutoModelForSequenceClassification, **labels.config_kwargs()
         )
     match_pad_token(model, tokenizer)
-    if recipe.is_quantized and runtime.device == "cpu":
-        use_exact_cpu_kernels(model)  # the kernel training and its evaluation used
+    if recipe.is_quantized:
+        use_exact_4bit_kernels(model)  # the kernel training and its evaluation used: predictions reproduce them
     if has_adapter:
         from peft import PeftModel
 

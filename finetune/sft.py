@@ -53,7 +53,7 @@ def keep_trainable_fp32(model) -> None:
             param.data = param.data.float()
 
 
-def run_sft(recipe: Recipe):
+def run_sft(recipe: Recipe, extra_callbacks=()):
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
@@ -102,7 +102,7 @@ def run_sft(recipe: Recipe):
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=callbacks(recipe),
+        callbacks=callbacks(recipe, extra_callbacks),
     )
     check_trainer_world(trainer)
     if recipe.is_quantized and runtime.precision == "fp32":
@@ -133,4 +133,4 @@ def run_sft(recipe: Recipe):
                 print(f"\nQ: {sample['prompt']}\nA: {sample['answer']}", flush=True)
     trainer.accelerator.wait_for_everyone()
     metrics = save_run_files(trainer, recipe, out, plan, extra)
-    return RunResult(metrics, trainer.model, tokenizer, out)
+    return RunResult(metrics, trainer.model, tokenizer, out, trainer)

@@ -163,17 +163,51 @@ def training_arguments(recipe: Recipe, runtime: Runtime, out: Path, has_eval: bo
     return config_class(**kwargs)
 
 
-def callbacks(recipe: Recipe) -> list:
+def callbacks(recipe: Recipe, extra=()) -> list:
     from transformers import EarlyStoppingCallback
 
     from finetune.zero import PARTITION_REPORT_ENV
 
-    found = []
+    found = list(extra)
+    if recipe.is_quantized:
+        found.append(quantized_weights_guard())
     if recipe.train.early_stopping_patience:
         found.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping_patience))
     if os.environ.get(PARTITION_REPORT_ENV):
         found.append(partition_reporter(os.environ[PARTITION_REPORT_ENV]))
     return found
+
+
+def quantized_weights_guard():
+    """Stop the run if a 4-bit layer was repacked for inference: training on it would use wrong gradients.
+
+    `attach_adapter` keeps bitsandbytes from repacking; this checks that it held, when training starts and after
+    every evaluation (the eval-mode, no-grad forward passes that trigger the repacking).
+    """
+    from transformers import TrainerCallback
+
+    from finetune.adapters import repacked_4bit_layers
+
+    def check(model) -> None:
+        layers = repacked_4bit_layers(model)
+        if layers:
+            import bitsandbytes
+
+            raise FinetuneError(
+                f"bitsandbytes {bitsandbytes.__version__} repacked {len(layers)} 4-bit layer(s) ({layers[0]}, ...) into "
+                "its CPU inference layout, which has no gradients; training on would use wrong gradients, so the run "
+                "stops. The kit keeps bitsandbytes 0.50 from repacking while training; this version repacks another "
+                "way. Use bitsandbytes 0.50 (pip install 'bitsandbytes>=0.50,<0.51'), or train without evaluation data."
+            )
+
+    class QuantizedWeightsGuard(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            check(model)
+
+        def on_evaluate(self, args, state, control, model=None, **kwargs):
+            check(model)
+
+    return QuantizedWeightsGuard()
 
 
 def partition_reporter(folder: str):
@@ -253,17 +287,18 @@ class RunResult:
     model: object
     tokenizer: object
     output_dir: Path
+    trainer: object = None  # the Trainer that ran (its datasets and collator), for inspection
 
 
-def run(recipe: Recipe) -> RunResult:
-    """Run the recipe's task."""
+def run(recipe: Recipe, callbacks=()) -> RunResult:
+    """Run the recipe's task; `callbacks` (transformers `TrainerCallback`s) are added to the Trainer's."""
     if recipe.task == "classification":
         from finetune.classify import run_classification
 
-        return run_classification(recipe)
+        return run_classification(recipe, callbacks)
     from finetune.sft import run_sft
 
-    return run_sft(recipe)
+    return run_sft(recipe, callbacks)
 
 
 def main(argv: list[str] | None = None) -> int:

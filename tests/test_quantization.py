@@ -12,7 +12,7 @@ import yaml
 
 from conftest import REPO, build_tiny_llama
 from finetune.recipe import validate_recipe
-from test_sft import sft_recipe
+from test_sft import capitals_data, sft_recipe
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -84,6 +84,7 @@ def test_training_on_quantized_base(llama64, tmp_path, bits, adapter):
     """Loss falls, the quantized base is untouched, and the adapter reloads onto a freshly quantized base."""
     from peft import PeftModel
 
+    from finetune.adapters import use_exact_4bit_kernels
     from finetune.train import run
 
     recipe = validate_recipe(
@@ -109,13 +110,10 @@ def test_training_on_quantized_base(llama64, tmp_path, bits, adapter):
     assert plan["weight_mb"] < plan["weight_mb_unquantized"]
 
     reloaded = PeftModel.from_pretrained(fresh, recipe.output.dir).eval()
-    # On CPUs with AVX512-bf16, bitsandbytes repacks 4-bit weights for a faster bf16 inference kernel, but only
-    # when the input needs no grad; the trained model (input grads enabled for k-bit training) never takes that
-    # path. Both models use the exact kernel here, so any difference is the adapter's, not the kernel's.
-    for model in (result.model, reloaded):
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear4bit):
-                module.support_avx512bf16_for_cpu = False
+    # On CPUs with AVX512-bf16, bitsandbytes would repack the fresh model's 4-bit weights for its bf16 inference
+    # kernel; the trained model keeps the exact kernel (see use_exact_4bit_kernels). Both use it here, so any
+    # difference is the adapter's, not the kernel's.
+    use_exact_4bit_kernels(reloaded)
     ids = result.tokenizer("what is the capital of france paris", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = result.model.eval()(input_ids=ids).logits
@@ -181,3 +179,175 @@ def test_paged_optimizer_falls_back_on_cpu_and_says_so_once(tmp_path, caplog):
     assert args.optim == "adamw_bnb_8bit"
     warnings = [r.getMessage() for r in caplog.records if "pages through CUDA memory" in r.getMessage()]
     assert warnings == ["train.optimizer: paged_adamw_8bit pages through CUDA memory; on CPU using adamw_bnb_8bit (same update, unpaged)."]
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients against a reference: an fp32 model holding the dequantized weights, with the same adapter
+# --------------------------------------------------------------------------------------------
+# A loss still falls when gradients are partly wrong, so these tests compare the gradients themselves. They run on
+# this CPU as it is, and as if it had AVX512-bf16: there bitsandbytes 0.50 repacks 4-bit weights for an inference
+# kernel without autograd the first time a layer runs in eval mode without grad (any evaluation), and every later
+# training step loses the gradient through the frozen 4-bit layers (relative error ~1, against ~0 here).
+
+# Largest relative difference (norm of the difference over the reference's norm, per adapter tensor) accepted.
+# 4-bit: the quantized layers compute with exactly the dequantized weights (measured 0). 8-bit: LLM.int8 also
+# quantizes the activations in the forward pass (measured 4e-6 on this model).
+GRADIENT_TOLERANCE = {4: 1e-4, 8: 1e-3}
+
+
+@pytest.fixture(params=["this cpu", "avx512-bf16"])
+def cpu_kind(request, monkeypatch):
+    """Run on this CPU as it is, and as if it had AVX512-bf16 (bitsandbytes' gate for its repacking)."""
+    if request.param == "avx512-bf16":
+        import bitsandbytes.nn.modules
+
+        # Linear4bit reads this when constructed; the pin below fails if bitsandbytes stops gating on it.
+        monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    return request.param
+
+
+def test_bitsandbytes_still_gates_cpu_repacking_on_the_flag_the_kit_clears():
+    """The kit's fix clears `Linear4bit.support_avx512bf16_for_cpu`; a bitsandbytes that gates elsewhere must fail here."""
+    import inspect
+
+    source = inspect.getsource(bnb.nn.Linear4bit.forward)
+    assert "self.support_avx512bf16_for_cpu" in source and "_convert_weight_packed_for_cpu" in source
+
+
+def dequantized_reference(model_dir: Path, quantized):
+    """An fp32 model whose linear weights are exactly what the quantized model's layers compute with."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for name, module in quantized.named_modules():
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            weight = module.weight.data.float() * module.weight.SCB[:, None] / 127
+        else:
+            continue
+        reference.get_submodule(name).weight.data.copy_(weight)
+    return reference
+
+
+def with_adapter_values(reference, recipe, values: dict[str, torch.Tensor]):
+    """The reference with the recipe's LoRA attached, set to `values` (adapter tensors by name)."""
+    from finetune.adapters import attach_adapter
+
+    plain = validate_recipe({**recipe.model_dump(), "quantization": {}, "adapter": {**recipe.adapter.model_dump(), "type": "lora"}})
+    reference = attach_adapter(reference, plain, task_type="CAUSAL_LM")
+    params = dict(reference.named_parameters())
+    assert set(values) == {n for n, p in params.items() if p.requires_grad}
+    for name, value in values.items():
+        params[name].data.copy_(value)
+    return reference
+
+
+def adapter_gradients(model, batch) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad()
+    model(**batch, use_cache=False).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def largest_relative_difference(actual: dict, expected: dict) -> float:
+    assert set(actual) == set(expected) and expected
+    for name, grad in expected.items():
+        assert grad.norm() > 0, f"reference gradient of {name} is zero: the comparison would prove nothing"
+    return max(((actual[n] - expected[n]).norm() / expected[n].norm()).item() for n in expected)
+
+
+@pytest.mark.parametrize("bits, adapter", [(4, "qlora"), (8, "lora")])
+def test_quantized_gradients_match_reference_before_and_after_evaluation(llama64, tmp_path, cpu_kind, bits, adapter):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.adapters import attach_adapter, load_model
+    from finetune.runtime import resolve_runtime
+
+    recipe = validate_recipe(sft_recipe(llama64, tmp_path, adapter={"type": adapter, "r": 4}, quantization={"bits": bits}))
+    model = load_model(recipe, resolve_runtime(recipe), str(llama64), AutoModelForCausalLM)
+    model = attach_adapter(model, recipe, task_type="CAUSAL_LM")
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # zero at initialisation: give it values so gradients reach lora_A and the layers below
+            param.data.normal_(0, 0.1)
+    values = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    reference = with_adapter_values(dequantized_reference(llama64, model), recipe, values)
+    ids = torch.randint(6, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    expected = adapter_gradients(reference, batch)
+
+    before = largest_relative_difference(adapter_gradients(model, batch), expected)
+    model.eval()  # what every evaluation and `generate` do
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    after = largest_relative_difference(adapter_gradients(model, batch), expected)
+    assert before < GRADIENT_TOLERANCE[bits] and after < GRADIENT_TOLERANCE[bits], (before, after)
+
+
+def test_qlora_run_trains_on_correct_gradients_after_eval_on_start(llama64, tmp_path, cpu_kind):
+    """Through the kit's own training path: evaluations (before step 1, after it) must not change the gradients."""
+    from transformers import TrainerCallback
+
+    from finetune.train import run
+
+    class SecondStep(TrainerCallback):
+        """Adapter values and gradients at step 2, before the optimizer changes them (clipping is off).
+
+        Step 2, not 1: LoRA's B starts at zero, so at step 1 no gradient reaches A or flows through the adapters.
+        """
+
+        captured: dict = {}
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+                self.captured = {
+                    "values": {n: p.detach().clone() for n, p in params},
+                    "grads": {n: p.grad.detach().clone() for n, p in params},
+                }
+
+    rows = 8  # one batch holds every training row, so each step sees a known batch whatever the shuffling
+    data = tmp_path / "data"
+    data.mkdir()
+    recipe = validate_recipe(
+        sft_recipe(
+            llama64,
+            tmp_path,
+            adapter={"type": "qlora", "r": 4},
+            data={"train": str(capitals_data(data / "train.jsonl", rows)), "eval": str(capitals_data(data / "eval.jsonl", 4))},
+            train={"max_steps": 2, "micro_batch_size": rows, "max_grad_norm": 0.0, "eval_steps": 1},
+        )
+    )
+    probe = SecondStep()
+    result = run(recipe, callbacks=[probe])
+    evaluated_at = [h["step"] for h in result.metrics["log_history"] if "eval_loss" in h]
+    assert evaluated_at[:2] == [0, 1], evaluated_at
+    assert probe.captured, "the callback saw no step"
+
+    trainer = result.trainer
+    trainer_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(rows)])
+    reference = with_adapter_values(dequantized_reference(llama64, result.model), recipe, probe.captured["values"])
+    expected = adapter_gradients(reference, trainer_batch)
+    difference = largest_relative_difference(probe.captured["grads"], expected)
+    assert difference < GRADIENT_TOLERANCE[4], difference
+
+
+def test_training_stops_when_a_4bit_layer_was_repacked(llama64, tmp_path):
+    """If a future bitsandbytes repacks despite the kit, the run stops with a message instead of training on."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.adapters import attach_adapter, load_model
+    from finetune.errors import FinetuneError
+    from finetune.runtime import resolve_runtime
+    from finetune.train import quantized_weights_guard
+
+    recipe = validate_recipe(sft_recipe(llama64, tmp_path, adapter="qlora"))
+    model = attach_adapter(load_model(recipe, resolve_runtime(recipe), str(llama64), AutoModelForCausalLM), recipe, "CAUSAL_LM")
+    guard = quantized_weights_guard()
+    guard.on_evaluate(None, None, None, model=model)  # nothing repacked: no complaint
+    layer = model.get_submodule("base_model.model.model.layers.1.mlp.up_proj.base_layer")
+    layer.weight.data, layer.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
+    with pytest.raises(FinetuneError, match=r"repacked 1 4-bit layer\(s\) \(base_model\.model\.model\.layers\.1\.mlp\.up_proj\.base_layer"):
+        guard.on_evaluate(None, None, None, model=model)
