@@ -5,7 +5,7 @@
 The recipes `recipes/tiny_*.yaml` point at `.cache/tiny_llama`: they exist to check a launcher, a ZeRO
 config or a multi-node setup end to end (loss falls, an adapter is saved) without downloading a model.
 The model is random (hidden 32, 2 layers; 47,520 parameters with the demo data's 452 words), so what it
-learns is the data's word statistics. The tokenizer is word-level, trained on the words of `--data` (any
+learns is the data's word statistics. The tokenizer is word-level, built from the words of `--data` (any
 string in the rows: chat `messages`, alpaca, prompt/completion or `text`), with ChatML special tokens and
 chat template, so every word of that data has an id.
 """

@@ -37,7 +37,7 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer(folder: Path, model_max_length: int = 256):
-    """The tests' word-level tokenizer (ChatML specials and template), trained offline on WORDS."""
+    """The tests' word-level tokenizer (ChatML specials and template), built offline from WORDS."""
     from finetune.tiny import build_tokenizer as build
 
     tokenizer = build(_corpus(), model_max_length)
@@ -67,34 +67,10 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 def build_tiny_bert(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
-    """A 2-layer random BERT (hidden 32) with a WordPiece tokenizer trained offline."""
-    import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    """A 2-layer random BERT (hidden 32, 128 positions) with a WordPiece tokenizer built offline from WORDS."""
+    from finetune.tiny import write_tiny_bert
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(_corpus(), trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
-    )
-    fast = BertTokenizerFast(tokenizer_object=tok, model_max_length=128)
-    fast.save_pretrained(folder)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(fast),
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=hidden * 2,
-        max_position_embeddings=128,
-        initializer_range=0.2,  # as for the tiny Llama: at 0.02 a LoRA on so small a model learns by luck
-    )
-    BertModel(config).save_pretrained(folder)
+    write_tiny_bert(folder, _corpus(), hidden=hidden, layers=2, max_length=128, seed=seed)
     return folder
 
 
