@@ -11,7 +11,7 @@ if __name__ == "__main__" and not __package__:
     # libraries; the repository root goes there instead so `finetune` imports as a package.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from finetune.train import main  # noqa: E402
+from finetune.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,6 @@ import logging
 import os
 from dataclasses import dataclass
 
-from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -24,6 +23,7 @@ class Runtime:
     rank: int
     threads_note: str = ""
     precision_note: str = ""
+    problems: tuple[str, ...] = ()  # device/precision choices this machine cannot run; see finetune.checks
 
     @property
     def dtype_name(self) -> str:
@@ -48,7 +48,9 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_runtime(recipe: Recipe) -> Runtime:
+def resolve_runtime(recipe: Recipe, device: str | None = None) -> Runtime:
+    """Device, precision and threads for `recipe` here (`device` overrides `train.device`, as `finetune launch
+    --device` does). What cannot run here is collected in `problems`, not raised, so all are reported at once."""
     import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -56,10 +58,12 @@ def resolve_runtime(recipe: Recipe) -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     train = recipe.train
 
+    problems = []
+    wanted = device or train.device
     has_cuda = torch.cuda.is_available()
-    if train.device == "cuda" and not has_cuda:
-        raise FinetuneError("train.device: cuda, but no CUDA GPU is visible. Use train.device: auto or cpu.")
-    device = "cuda" if (train.device == "cuda" or (train.device == "auto" and has_cuda)) else "cpu"
+    if wanted == "cuda" and not has_cuda:
+        problems.append("train.device: cuda, but no CUDA GPU is visible. Use train.device: auto or cpu.")
+    device = "cuda" if (wanted == "auto" and has_cuda) or (wanted == "cuda" and has_cuda) else "cpu"
 
     precision, precision_note = train.precision, ""
     if precision == "auto":
@@ -71,9 +75,9 @@ def resolve_runtime(recipe: Recipe) -> Runtime:
             precision = "fp32"
             precision_note = "CPU: fp32 (bf16 is slower on CPUs without AMX; set train.precision: bf16 to force it)"
     if device == "cpu" and precision == "fp16":
-        raise FinetuneError("train.precision: fp16 needs a GPU (fp16 mixed precision is not supported on CPU); use fp32 or bf16.")
+        problems.append("train.precision: fp16 needs a GPU (fp16 mixed precision is not supported on CPU); use fp32 or bf16.")
     if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise FinetuneError("train.precision: bf16, but this GPU does not support bf16; use fp16 or auto.")
+        problems.append("train.precision: bf16, but this GPU does not support bf16; use fp16 or auto.")
 
     threads, note = _threads(train.num_threads, local_world)
     if device == "cpu" and not train.num_threads:
@@ -81,7 +85,7 @@ def resolve_runtime(recipe: Recipe) -> Runtime:
         if load > available_cores():
             # Measured here: with the cores busy, 2 threads ran 5-7x slower than 1 (threads wait on each other).
             note += f"; machine busy (load {load:.1f} on {available_cores()} cores): fewer threads may be faster"
-    return Runtime(device, precision, threads, world, local_world, rank, note, precision_note)
+    return Runtime(device, precision, threads, world, local_world, rank, note, precision_note, tuple(problems))
 
 
 def _threads(requested: int | None, local_world: int) -> tuple[int, str]:

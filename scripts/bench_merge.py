@@ -136,8 +136,8 @@ def run_arm(arm: str, base: Path, adapter: Path, out: Path) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401 (resolves the lazy import now)
 
-    from finetune import merge_lora, merge_plan, merge_streaming, merge_verify  # noqa: F401 (likewise)
-    from finetune.merge import merge_adapter
+    from finetune.merge import lora, plan, streaming, verify  # noqa: F401 (likewise)
+    from finetune.merge.merging import merge_adapter
 
     after_imports = rss_now()  # both arms import the same, so timings below are merging, not importing
     started = time.perf_counter()

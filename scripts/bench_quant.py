@@ -29,7 +29,7 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
 from finetune.recipe import load_recipe
-from finetune.train import run
+from finetune.runner import run
 recipe = load_recipe(sys.argv[1], sys.argv[2:])
 start = time.time()
 result = run(recipe)

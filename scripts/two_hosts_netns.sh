@@ -97,7 +97,7 @@ shift
 # generated launcher command trains with gloo bound to $IFACE. The thread count also goes in as
 # train.num_threads (your own overrides come after it and win): under accelerate the trainer reads
 # OMP_NUM_THREADS=1 as accelerate's default and would use every core, and the two "hosts" share them.
-run_both sh -c '"$0" -m finetune.launch "$@" --node-rank "$NODE_RANK"' "$PYTHON" "$RECIPE" train.num_threads="$THREADS" "$@" \
+run_both sh -c '"$0" -m finetune.cli launch "$@" --node-rank "$NODE_RANK"' "$PYTHON" "$RECIPE" train.num_threads="$THREADS" "$@" \
     --launcher "$LAUNCHER" --nnodes 2 --nproc-per-node "$NPROC" --main-address "${ADDR[0]}" --main-port "$PORT" \
     --iface "$IFACE" --join-timeout "$JOIN_TIMEOUT" --threads "$THREADS"
 echo "2-node training across namespaces: ok"

@@ -75,7 +75,7 @@ def bert_dir(tiny_bert_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def bert_run(bert_dir, tmp_path_factory):
-    from finetune.train import run
+    from finetune.runner import run
 
     recipe = validate_recipe(cls_recipe(bert_dir, tmp_path_factory.mktemp("cls-bert")))
     return recipe, run(recipe)
@@ -84,7 +84,7 @@ def bert_run(bert_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_run(tiny_llama_dir, tmp_path_factory):
     """The decoder run also exercises best-checkpoint selection: evaluate every epoch, keep the best by accuracy."""
-    from finetune.train import run
+    from finetune.runner import run
 
     train = {
         "learning_rate": 2e-2, "eval_steps": None, "save_checkpoints": True, "load_best_model_at_end": True,
@@ -139,7 +139,7 @@ def test_only_adapter_and_head_train(bert_run, bert_dir):
 
 
 def test_run_folder_and_label_mapping(bert_run):
-    from finetune.class_data import LabelMap
+    from finetune.data.classification import LabelMap
 
     recipe, _ = bert_run
     out = Path(recipe.output.dir)
@@ -164,8 +164,8 @@ def test_saved_adapter_and_head_reproduce_eval_metrics(bert_run, bert_dir):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from finetune.class_data import LabelMap, prepare_classification_data
-    from finetune.classify import predictions_from_logits
+    from finetune.data.classification import LabelMap, prepare_classification_data
+    from finetune.tasks.classification import predictions_from_logits
     from finetune.metrics import classification_report
 
     recipe, result = bert_run
@@ -188,7 +188,7 @@ def test_saved_adapter_and_head_reproduce_eval_metrics(bert_run, bert_dir):
 
 
 def test_finetune_predict_reproduces_eval_accuracy(bert_run, tmp_path, capsys):
-    from finetune.class_data import prepare_classification_data
+    from finetune.data.classification import prepare_classification_data
     from finetune.cli import main
 
     recipe, _ = bert_run
@@ -218,7 +218,7 @@ def test_predict_help_exits_zero():
 
 
 def test_predict_needs_a_run_folder(tmp_path):
-    from finetune.predict import run_folder
+    from finetune.commands.predict import run_folder
 
     with pytest.raises(FinetuneError, match=r"not a finished classification run \(no labels\.json / recipe\.yaml\)"):
         run_folder(tmp_path)
@@ -230,7 +230,7 @@ def test_predict_needs_a_run_folder(tmp_path):
 
 
 def test_multi_label_learns(bert_dir, tmp_path):
-    from finetune.train import run
+    from finetune.runner import run
 
     rng = random.Random(1)
     rows = []
@@ -257,8 +257,8 @@ def test_multi_label_learns(bert_dir, tmp_path):
 def test_balanced_weights_and_weighted_loss():
     import torch.nn.functional as F
 
-    from finetune.class_data import LabelMap
-    from finetune.classify import WeightedLoss, balanced_weights
+    from finetune.data.classification import LabelMap
+    from finetune.tasks.classification import WeightedLoss, balanced_weights
 
     labels = LabelMap(("a", "b", "c"))
     weights = balanced_weights([0] * 6 + [1] * 3 + [2], labels)
@@ -278,9 +278,9 @@ def test_balanced_weights_and_weighted_loss():
 
 
 def test_class_weights_learn_the_rare_class(bert_dir, tmp_path, caplog):
-    from finetune.train import run
+    from finetune.runner import run
 
-    from finetune.class_data import prepare_classification_data
+    from finetune.data.classification import prepare_classification_data
 
     rows = keyword_rows(400, keywords=("cat", "dog"), seed=2, weights=(0.85, 0.15))
     recipe = validate_recipe(cls_recipe(bert_dir, tmp_path, rows, classification={"class_weights": "balanced"}))
@@ -314,8 +314,8 @@ def llama64(tmp_path_factory) -> Path:
 
 def test_qlora_classifier_keeps_head_full_precision(llama64, tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
-    from finetune.predict import load_classifier, predict_logits
-    from finetune.train import run
+    from finetune.commands.predict import load_classifier, predict_logits
+    from finetune.runner import run
 
     recipe = validate_recipe(
         cls_recipe(llama64, tmp_path, adapter={"type": "qlora"}, train={"learning_rate": 2e-2, "epochs": 4})
@@ -342,7 +342,7 @@ def test_qlora_classifier_keeps_head_full_precision(llama64, tmp_path):
 
 
 def test_unseen_eval_label_is_a_clear_error(tiny_bert_dir, tmp_path):
-    from finetune.train import run
+    from finetune.runner import run
 
     eval_file = write_jsonl(tmp_path / "eval.jsonl", [{"text": "a cat", "label": "cat"}, {"text": "a bird", "label": "bird"}])
     rows = [{"text": "a cat", "label": "cat"}, {"text": "a dog", "label": "dog"}]
@@ -357,7 +357,7 @@ def test_unseen_eval_label_is_a_clear_error(tiny_bert_dir, tmp_path):
 
 
 def test_bad_rows_name_file_and_row_or_are_counted(tiny_bert_dir, tmp_path):
-    from finetune.class_data import load_classification_rows
+    from finetune.data.classification import load_classification_rows
 
     rows = [{"text": "a cat", "label": "cat"}, {"text": "a dog", "label": None}, {"text": "", "label": "dog"}]
     recipe = validate_recipe(cls_recipe(tiny_bert_dir, tmp_path, rows))
@@ -376,7 +376,7 @@ def test_bad_rows_name_file_and_row_or_are_counted(tiny_bert_dir, tmp_path):
 def test_integer_labels_sort_numerically_and_text_pairs_tokenize(tiny_bert_dir):
     from transformers import AutoTokenizer
 
-    from finetune.class_data import LabelMap, tokenize_classification
+    from finetune.data.classification import LabelMap, tokenize_classification
 
     labels = LabelMap.from_training([(10,), (2,), (1,), (2,)], multi_label=False)
     assert labels.names == ("1", "2", "10") and labels.encode((10,)) == 2
@@ -388,7 +388,7 @@ def test_integer_labels_sort_numerically_and_text_pairs_tokenize(tiny_bert_dir):
 
 
 def test_unknown_best_metric_is_refused_before_loading(tiny_bert_dir, tmp_path):
-    from finetune.train import run
+    from finetune.runner import run
 
     train = {"metric_for_best_model": "f1_macr", "load_best_model_at_end": True, "save_checkpoints": True}
     recipe = validate_recipe(cls_recipe(tiny_bert_dir, tmp_path, keyword_rows(20), train=train, eval={"metrics": ["accuracy", "f1"]}))
@@ -416,7 +416,7 @@ def make_folder(root: Path) -> Path:
 
 
 def test_folder_of_class_folders_reads_sorted_rows(tmp_path):
-    from finetune.data import read_source, read_source_with_skips
+    from finetune.data.rows import read_source, read_source_with_skips
     from finetune.recipe import DataSource
 
     folder = make_folder(tmp_path / "news")
@@ -440,7 +440,7 @@ def test_folder_of_class_folders_reads_sorted_rows(tmp_path):
 
 
 def test_folder_rows_name_their_file_and_skips_reach_the_plan(tiny_bert_dir, tmp_path):
-    from finetune.class_data import prepare_classification_data
+    from finetune.data.classification import prepare_classification_data
 
     folder = make_folder(tmp_path / "news")
     (folder / "tech" / "002.txt").write_bytes(b"\xff\xfe")
@@ -467,8 +467,8 @@ def fake_package(tmp_path, monkeypatch) -> Path:
 
 
 def test_package_paths_with_a_sub_path(fake_package):
-    from finetune.data import read_source
-    from finetune.models import resolve_model_path
+    from finetune.data.rows import read_source
+    from finetune.models.loading import resolve_model_path
     from finetune.recipe import DataSource, ModelConfig
 
     assert resolve_model_path(ModelConfig(name_or_path="package://fakepkg_cls/model")) == str(fake_package / "model")
@@ -484,7 +484,7 @@ def test_package_paths_with_a_sub_path(fake_package):
 def test_max_length_is_capped_at_what_the_model_reads(tiny_bert_dir, tmp_path, caplog):
     from transformers import AutoTokenizer
 
-    from finetune.classify import check_max_length
+    from finetune.tasks.classification import check_max_length
 
     recipe = validate_recipe(cls_recipe(tiny_bert_dir, tmp_path, keyword_rows(4), data={"max_length": 1024}))
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)

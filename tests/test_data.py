@@ -7,15 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data import (
-    IGNORE_INDEX,
-    check_stop_token,
-    load_rows,
-    normalise_row,
-    split_rows,
-    tokenize_row,
-    tokenize_rows,
-)
+from finetune.data.rows import split_rows
+from finetune.data.sft import IGNORE_INDEX, check_stop_token, load_rows, normalise_row, tokenize_row, tokenize_rows
 from finetune.errors import DataError
 from finetune.recipe import DataConfig
 

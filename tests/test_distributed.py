@@ -16,21 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune.distributed import (
-    DEFAULT_JOIN_TIMEOUT,
-    check_world_size,
-    configure_threads_and_interfaces,
-    join_timeout,
-)
+from finetune.distributed.guards import DEFAULT_JOIN_TIMEOUT, check_world_size, configure_threads_and_interfaces, join_timeout
 from finetune.errors import FinetuneError
 from finetune.recipe import validate_recipe
-from finetune.zero import (
-    available_configs,
-    deepspeed_problems,
-    deepspeed_warnings,
-    load_deepspeed_config,
-    resolve_deepspeed_config,
-)
+from finetune.distributed.zero import available_configs, deepspeed_problems, deepspeed_warnings, load_deepspeed_config, resolve_deepspeed_config
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = ["zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"]
@@ -56,8 +45,8 @@ def run_python(code: str, env: dict[str, str], timeout: float = 120) -> subproce
 
 GUARDED = """
 import sys
-from finetune.cli import guarded
-from finetune.distributed import {name}
+from finetune.commands.common import guarded
+from finetune.distributed.guards import {name}
 sys.exit(guarded(lambda: {call} and 0))
 """
 
@@ -120,7 +109,7 @@ def test_a_one_process_world_expecting_two_fails_in_a_real_process():
 def test_accelerate_cpu_trap_is_caught(tmp_path):
     """`accelerate launch --cpu --num_processes 2` really starts one process; the guard turns that into an error."""
     script = tmp_path / "probe.py"
-    script.write_text("import sys\nfrom finetune.cli import guarded\nfrom finetune.distributed import check_world_size\n"
+    script.write_text("import sys\nfrom finetune.commands.common import guarded\nfrom finetune.distributed.guards import check_world_size\n"
                       "print('started', flush=True)\nsys.exit(guarded(lambda: check_world_size() and 0))\n")  # fmt: skip
     accelerate = Path(sys.executable).parent / "accelerate"
     done = subprocess.run(
@@ -176,7 +165,7 @@ def test_join_process_group_joins_and_reduces():
     port = free_port()
     code = """
         import torch, torch.distributed as dist
-        from finetune.distributed import join_process_group
+        from finetune.distributed.guards import join_process_group
         assert join_process_group()
         t = torch.tensor([dist.get_rank() + 1.0]); dist.all_reduce(t)
         print("sum", t.item(), "world", dist.get_world_size(), flush=True)
@@ -206,7 +195,7 @@ def test_wait_for_nodes_names_the_node_that_never_joined():
 
 
 def test_join_process_group_is_a_no_op_for_one_process(monkeypatch):
-    from finetune.distributed import join_process_group
+    from finetune.distributed.guards import join_process_group
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert join_process_group() is False
@@ -273,7 +262,7 @@ def test_shipped_configs_leave_batch_and_precision_to_the_recipe(name):
 
 
 def test_configs_installed_as_data_files_are_found(tmp_path, monkeypatch):
-    import finetune.zero as zero
+    import finetune.distributed.zero as zero
 
     installed = tmp_path / "prefix" / "share" / "finetune-kit" / "deepspeed_configs"
     installed.mkdir(parents=True)

@@ -17,19 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from finetune.cli import main as cli_main
 from finetune.errors import FinetuneError
-from finetune.launch import (
-    RUN_SCRIPT,
-    add_arguments,
-    build_plan,
-    check_hosts,
-    dry_run_text,
-    main,
-    node_command,
-    node_environment,
-    parse_hostfile,
-    slurm_script,
-)
+from finetune.commands.launch import add_arguments
+from finetune.distributed.launch import RUN_SCRIPT, build_plan, check_hosts, dry_run_text, node_command, node_environment, parse_hostfile, slurm_script
 
 REPO = Path(__file__).resolve().parent.parent
 ZERO2 = str(REPO / "deepspeed_configs" / "zero2.json")
@@ -178,7 +169,7 @@ def test_slurm_script(tmp_path, cpu_recipe):
     assert '--node-rank "$SLURM_NODEID" --nproc-per-node 8 --master-addr "$MAIN_ADDR"' in gpu
 
     out = tmp_path / "job.sbatch"
-    assert main([cpu_recipe, "--nnodes", "2", "--launcher", "deepspeed", "--slurm", str(out)]) == 0
+    assert cli_main(["launch", cpu_recipe, "--nnodes", "2", "--launcher", "deepspeed", "--slurm", str(out)]) == 0
     ds = out.read_text()
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots=1/" > "$FINETUNE_HOSTFILE"' in ds
     assert 'exec deepspeed --hostfile "$FINETUNE_HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID" --master_addr "$MAIN_ADDR"' in ds
@@ -232,19 +223,19 @@ def test_check_hosts_with_local_sockets_only():
 
 def test_recipe_problems_stop_the_launch(tmp_path, capsys):
     bad = write_recipe(tmp_path, "q.yaml", adapter="qlora", quantization="{bits: 4}", deepspeed="zero3")
-    assert main([bad, "--nproc-per-node", "2", "--dry-run"]) == 2
+    assert cli_main(["launch", bad, "--nproc-per-node", "2", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: 1 problem in {bad}:\n  - quantization.storage_dtype: uint8 with ZeRO-3")
 
 
 def test_several_nodes_need_a_node_rank(cpu_recipe, capsys):
-    assert main([cpu_recipe, "--nnodes", "2", "--main-address", "127.0.0.1"]) == 1
+    assert cli_main(["launch", cpu_recipe, "--nnodes", "2", "--main-address", "127.0.0.1"]) == 1
     assert "which node is this machine? Pass --node-rank K (0 .. 1) on each machine" in capsys.readouterr().err
 
 
 def test_help(capsys):
     with pytest.raises(SystemExit) as done:
-        main(["--help"])
+        cli_main(["launch", "--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--launcher", "--hostfile", "--nnodes", "--main-address", "--node-rank", "--dry-run", "--slurm", "--local-nodes", "--iface", "--join-timeout"):
@@ -259,7 +250,7 @@ def test_help(capsys):
 def launch(*argv, timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "finetune.launch", *map(str, argv)],
+        [sys.executable, "-m", "finetune.cli", "launch", *map(str, argv)],
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
@@ -288,7 +279,7 @@ def test_a_node_whose_main_node_never_starts_fails_within_the_timeout(cpu_recipe
 PROBE = """
 import json, os, sys
 import torch, torch.distributed as dist
-from finetune.distributed import check_world_size, join_process_group
+from finetune.distributed.guards import check_world_size, join_process_group
 join_process_group()
 check_world_size()
 t = torch.tensor([float(dist.get_rank() + 1)])

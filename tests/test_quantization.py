@@ -33,7 +33,7 @@ def llama64(tmp_path_factory) -> Path:
 def load_quantized(model_dir: Path, bits: int):
     from transformers import AutoModelForCausalLM
 
-    from finetune.adapters import build_bnb_config
+    from finetune.models.quantization import build_bnb_config
     from finetune.runtime import resolve_runtime
 
     recipe = validate_recipe({**BASE, "model": {"name_or_path": str(model_dir)}, "quantization": {"bits": bits}})
@@ -84,8 +84,8 @@ def test_training_on_quantized_base(llama64, tmp_path, bits, adapter):
     """Loss falls, the quantized base is untouched, and the adapter reloads onto a freshly quantized base."""
     from peft import PeftModel
 
-    from finetune.adapters import use_exact_4bit_kernels
-    from finetune.train import run
+    from finetune.models.quantization import use_exact_4bit_kernels
+    from finetune.runner import run
 
     recipe = validate_recipe(
         sft_recipe(llama64, tmp_path, adapter={"type": adapter}, quantization={"bits": bits}, train={"optimizer": "adamw_8bit", "epochs": 5})
@@ -170,7 +170,7 @@ def test_qlora_implies_4bit_defaults():
 
 def test_paged_optimizer_falls_back_on_cpu_and_says_so_once(tmp_path, caplog):
     from finetune.runtime import resolve_runtime
-    from finetune.train import training_arguments
+    from finetune.training.arguments import training_arguments
     from transformers import TrainingArguments
 
     recipe = validate_recipe({**BASE, "train": {"optimizer": "paged_adamw_8bit", "device": "cpu"}})
@@ -233,7 +233,7 @@ def dequantized_reference(model_dir: Path, quantized):
 
 def with_adapter_values(reference, recipe, values: dict[str, torch.Tensor]):
     """The reference with the recipe's LoRA attached, set to `values` (adapter tensors by name)."""
-    from finetune.adapters import attach_adapter
+    from finetune.models.adapters import attach_adapter
 
     plain = validate_recipe({**recipe.model_dump(), "quantization": {}, "adapter": {**recipe.adapter.model_dump(), "type": "lora"}})
     reference = attach_adapter(reference, plain, task_type="CAUSAL_LM")
@@ -262,7 +262,8 @@ def largest_relative_difference(actual: dict, expected: dict) -> float:
 def test_quantized_gradients_match_reference_before_and_after_evaluation(llama64, tmp_path, cpu_kind, bits, adapter):
     from transformers import AutoModelForCausalLM
 
-    from finetune.adapters import attach_adapter, load_model
+    from finetune.models.adapters import attach_adapter
+    from finetune.models.loading import load_model
     from finetune.runtime import resolve_runtime
 
     recipe = validate_recipe(sft_recipe(llama64, tmp_path, adapter={"type": adapter, "r": 4}, quantization={"bits": bits}))
@@ -290,7 +291,7 @@ def test_qlora_run_trains_on_correct_gradients_after_eval_on_start(llama64, tmp_
     """Through the kit's own training path: evaluations (before step 1, after it) must not change the gradients."""
     from transformers import TrainerCallback
 
-    from finetune.train import run
+    from finetune.runner import run
 
     class SecondStep(TrainerCallback):
         """Adapter values and gradients at step 2, before the optimizer changes them (clipping is off).
@@ -338,10 +339,11 @@ def test_training_stops_when_a_4bit_layer_was_repacked(llama64, tmp_path):
     """If a future bitsandbytes repacks despite the kit, the run stops with a message instead of training on."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.adapters import attach_adapter, load_model
+    from finetune.models.adapters import attach_adapter
+    from finetune.models.loading import load_model
     from finetune.errors import FinetuneError
     from finetune.runtime import resolve_runtime
-    from finetune.train import quantized_weights_guard
+    from finetune.training.callbacks import quantized_weights_guard
 
     recipe = validate_recipe(sft_recipe(llama64, tmp_path, adapter="qlora"))
     model = attach_adapter(load_model(recipe, resolve_runtime(recipe), str(llama64), AutoModelForCausalLM), recipe, "CAUSAL_LM")

@@ -155,7 +155,7 @@ def test_validate_checks_data_files_exist(tmp_path):
 
 
 def test_resolved_recipe_redacts_secrets(tmp_path):
-    from finetune.recipe import _redact
+    from finetune.recipe.loading import _redact
 
     assert _redact({"hub": {"token": "hf_abc", "name": "x"}, "api_key": ""}) == {
         "hub": {"token": "<redacted>", "name": "x"},

@@ -58,7 +58,7 @@ def sft_recipe(model_dir: Path, tmp_path: Path, **sections) -> dict:
 @pytest.fixture(scope="module")
 def trained(tiny_llama_dir, tmp_path_factory):
     """One LoRA SFT run shared by the tests that inspect its results."""
-    from finetune.train import run
+    from finetune.runner import run
 
     tmp = tmp_path_factory.mktemp("sft")
     recipe = validate_recipe(sft_recipe(tiny_llama_dir, tmp, data={"eval_fraction": 0.2}, eval={"prompts": ["what is the capital of italy"]}))
@@ -128,7 +128,7 @@ def test_run_folder_has_everything(trained):
 
 def test_output_dir_not_empty_is_refused(trained):
     from finetune.errors import FinetuneError
-    from finetune.train import run
+    from finetune.runner import run
 
     recipe, _ = trained
     with pytest.raises(FinetuneError, match=r"output\.dir: .* is not empty\. Choose another folder, or set output\.overwrite=true"):
@@ -137,7 +137,7 @@ def test_output_dir_not_empty_is_refused(trained):
 
 def test_full_finetune_and_packing(tiny_llama_dir, tmp_path):
     """`adapter: none` trains every weight; packing runs on pre-tokenized, masked rows."""
-    from finetune.train import run
+    from finetune.runner import run
 
     recipe = validate_recipe(sft_recipe(tiny_llama_dir, tmp_path, adapter="none", data={"packing": True}, train={"epochs": 1, "learning_rate": 1e-3}))
     result = run(recipe)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from finetune.errors import FinetuneError
-from finetune.templates import BUILTIN, resolve_chat_template
+from finetune.models.templates import BUILTIN, resolve_chat_template
 
 
 def test_builtin_file_and_inline(tmp_path):
@@ -25,8 +25,8 @@ def test_unknown_template_is_an_error(tmp_path):
 
 
 def test_recipe_template_replaces_the_tokenizer_one(tiny_llama_dir):
-    from finetune.adapters import load_tokenizer
-    from finetune.data import _tokenize_chat
+    from finetune.models.loading import load_tokenizer
+    from finetune.data.sft import _tokenize_chat
     from finetune.recipe import validate_recipe
 
     recipe = validate_recipe(

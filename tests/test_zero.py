@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO through the kit's own launcher and runner, for real: 2 CPU processes talking gloo, a tiny Llama.
 
-Each multi-process run starts `python -m finetune.launch` on a shipped recipe (recipes/tiny_zero2.yaml,
+Each multi-process run starts `python -m finetune.cli launch` on a shipped recipe (recipes/tiny_zero2.yaml,
 recipes/tiny_zero3_offload.yaml) with the test's model, data and output folder as overrides, and is compared
 with one process training the same recipe without DeepSpeed on the same global batch:
 
@@ -90,7 +90,7 @@ def launch(recipe: str, tmp: Path, model_dir: Path, data: Path, *args) -> Launch
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_REPORT_PARTITION": str(reports)}
     start = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "finetune.launch", str(RECIPES / recipe), *overrides(model_dir, data, out),
+        [sys.executable, "-m", "finetune.cli", "launch", str(RECIPES / recipe), *overrides(model_dir, data, out),
          "--main-port", str(free_port()), "--join-timeout", "120", *map(str, args)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -108,7 +108,7 @@ def capitals(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tiny_llama_dir, capitals, tmp_path_factory):
     """One process, no DeepSpeed, micro batch 8: the global batch of 2 processes x 4."""
-    from finetune.train import run
+    from finetune.runner import run
 
     tmp = tmp_path_factory.mktemp("zero-reference")
     extra = ["deepspeed=null", "train.micro_batch_size=8"]

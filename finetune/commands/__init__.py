@@ -1,0 +1,1 @@
+"""The `finetune` commands, one module each with `add_arguments(parser)` and `run(args)`; `finetune.cli` registers them."""

@@ -1,0 +1,54 @@
+"""`finetune chat`: answer prompts with a finished SFT run's adapter (or its base model, with --base)."""
+
+from __future__ import annotations
+
+import argparse
+
+from finetune.errors import FinetuneError
+
+HELP = "Answer prompts with a finished SFT run's adapter (or its base, with --base)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="The run's output.dir.")
+    parser.add_argument("--prompt", action="append", help="A user message; repeat for several. Default: the recipe's eval.prompts.")
+    parser.add_argument("--base", action="store_true", help="Use the base model without the adapter (the 'before').")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+
+
+def run(args: argparse.Namespace) -> int:
+    from finetune.models.generation import generate_answers
+
+    model, tokenizer, recipe = load_for_chat(args.run_dir, base_only=args.base)
+    prompts = args.prompt or recipe.eval.prompts
+    if not prompts:
+        raise FinetuneError("give at least one --prompt (the run's recipe has no eval.prompts).")
+    for sample in generate_answers(model, tokenizer, prompts, args.max_new_tokens, system_prompt=recipe.data.system_prompt):
+        print(f"Q: {sample['prompt']}\nA: {sample['answer']}\n")
+    return 0
+
+
+def load_for_chat(run_dir: str, base_only: bool = False):
+    """Base model (+ the run's adapter unless `base_only`) and tokenizer of a finished SFT run."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from finetune.models.loading import resolve_model_path
+    from finetune.recipe import load_recipe
+
+    run = Path(run_dir)
+    if not (run / "recipe.yaml").is_file():
+        raise FinetuneError(f"{run}: not a run folder (no recipe.yaml). Give the output.dir of a finished run.")
+    recipe = load_recipe(run / "recipe.yaml")
+    base = resolve_model_path(recipe.model)
+    tokenizer = AutoTokenizer.from_pretrained(run if (run / "tokenizer_config.json").is_file() else base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if (run / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(run)
+    if not base_only and (run / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, run)
+    return model, tokenizer, recipe

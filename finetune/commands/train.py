@@ -1,0 +1,47 @@
+"""`finetune train RECIPE [key.path=value ...]`; also `finetune/run.py` under any launcher."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+from finetune.commands.common import add_recipe_arguments, guarded, setup_logging
+
+log = logging.getLogger("finetune")
+
+HELP = "Fine-tune from a recipe (same as `python finetune/run.py RECIPE`)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Fine-tune a model from a YAML recipe."
+    add_recipe_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from finetune.recipe import load_recipe
+    from finetune.runner import finish_distributed
+    from finetune.runner import run as run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    started = time.time()
+    try:
+        metrics = run_recipe(recipe).metrics
+    finally:
+        finish_distributed()
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("Done in %.0f s. Outputs in %s", time.time() - started, recipe.output.dir)
+        last = metrics.get("last_loss")
+        if last is not None:
+            log.info("loss %.4f -> %.4f", metrics.get("first_loss"), last)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `finetune/run.py`: RECIPE [key.path=value ...]."""
+    parser = argparse.ArgumentParser(prog="finetune train")
+    add_arguments(parser)
+    args = parser.parse_intermixed_args(argv)
+    setup_logging()
+    return guarded(lambda: run(args))

@@ -1,0 +1,264 @@
+"""SFT data: check every row's format, and turn rows into tokens and loss masks.
+
+Rows are normalised to one of three shapes before tokenization:
+- `messages`: a conversation; loss on assistant turns (unless `train_on_inputs`).
+- `prompt`/`completion`: plain text pair; loss on the completion.
+- `text`: raw text; loss on everything.
+Masking is done here, not by the trainer, so it works with any chat template (no `{% generation %}` markers needed)
+and can be tested directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from finetune.data.rows import Rows, read_source
+from finetune.errors import DataError
+from finetune.recipe import DataConfig, DataSource
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+FORMAT_COLUMNS = {
+    "messages": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+
+
+def detect_format(columns: list[str], source: DataSource) -> str:
+    if source.format != "auto":
+        needed = [c for c in FORMAT_COLUMNS[source.format] if c not in columns]
+        if needed:
+            raise DataError(
+                f"{source.path}: format {source.format} needs column(s) {needed}; found {columns}. "
+                "Map yours with `columns: {format_name: your_name}`."
+            )
+        return source.format
+    for name, needed in FORMAT_COLUMNS.items():
+        if all(c in columns for c in needed):
+            return name
+    if "conversations" in columns:
+        raise DataError(f"{source.path}: found a 'conversations' column; add `columns: {{messages: conversations}}`")
+    raise DataError(
+        f"{source.path}: cannot tell the format from columns {columns}. Expected one of: "
+        + "; ".join(f"{k} ({', '.join(v)})" for k, v in FORMAT_COLUMNS.items())
+        + ". Set `format:` and `columns:` in the data source."
+    )
+
+
+def _text(row: dict, key: str, required: bool = True) -> str | None:
+    value = row.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise ValueError(f"'{key}' is missing or empty")
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"'{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def normalise_row(row: dict, fmt: str, system_prompt: str | None, chat: bool) -> dict:
+    """One row in canonical form ({messages} or {prompt, completion} or {text}); ValueError says what is wrong."""
+    if fmt == "messages":
+        messages = row.get("messages")
+        if not isinstance(messages, list):
+            raise ValueError(f"'messages' must be a list of {{role, content}}, got {type(messages).__name__}")
+        if not messages:
+            raise ValueError("empty conversation")
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+                raise ValueError(f"message {i} must have 'role' and 'content'")
+            if msg["role"] not in ROLES:
+                raise ValueError(f"message {i}: unknown role {msg['role']!r} (expected one of {sorted(ROLES)})")
+            if not isinstance(msg["content"], str):
+                raise ValueError(f"message {i}: content must be a string, got {type(msg['content']).__name__}")
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            raise ValueError("no non-empty assistant message to learn from")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        return {"messages": messages}
+    if fmt == "alpaca":
+        instruction, output = _text(row, "instruction"), _text(row, "output")
+        extra = _text(row, "input", required=False)
+        if chat:
+            user = instruction if not extra else f"{instruction}\n\n{extra}"
+            return normalise_row(
+                {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": output}]},
+                "messages",
+                system_prompt,
+                chat,
+            )
+        template = ALPACA_PROMPT_WITH_INPUT if extra else ALPACA_PROMPT
+        return {"prompt": template.format(instruction=instruction, input=extra), "completion": output}
+    if fmt == "prompt_completion":
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt-completion
+            return normalise_row({"messages": [*prompt, *completion]}, "messages", system_prompt, chat)
+        return {"prompt": _text(row, "prompt"), "completion": _text(row, "completion")}
+    return {"text": _text(row, "text")}
+
+
+def load_rows(sources: list[DataSource], config: DataConfig, chat: bool, base_dir: Path | None = None) -> Rows:
+    """Read and validate every row of `sources`; bad rows raise (or are skipped and counted, per `on_bad_row`)."""
+    out = Rows(rows=[])
+    for source in sources:
+        ds = read_source(source, base_dir)
+        fmt = detect_format(ds.column_names, source)
+        offset = 1  # rows are numbered from 1 as users count them; JSONL row N is line N
+        for index, row in enumerate(ds):
+            out.add(
+                f"{source.path}, row {index + offset}",
+                lambda row=row: normalise_row(row, fmt, config.system_prompt, chat),
+                config.on_bad_row,
+            )
+    return out.checked(sources)
+
+
+def tokenize_row(row: dict, tokenizer, train_on_inputs: bool) -> dict:
+    """`input_ids` and `labels` (IGNORE_INDEX where no loss is taken) for one canonical row."""
+    if "messages" in row:
+        return _tokenize_chat(row["messages"], tokenizer, train_on_inputs)
+    eos = tokenizer.eos_token or ""
+    if "text" in row:
+        ids = tokenizer(row["text"] + eos, add_special_tokens=True)["input_ids"]
+        return {"input_ids": ids, "labels": list(ids)}
+    prompt_ids = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
+    full_ids = tokenizer(row["prompt"] + row["completion"] + eos, add_special_tokens=True)["input_ids"]
+    if full_ids[: len(prompt_ids)] != prompt_ids:  # a merge across the boundary; tokenize the parts separately
+        full_ids = prompt_ids + tokenizer(row["completion"] + eos, add_special_tokens=False)["input_ids"]
+    labels = list(full_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids) :]
+    return {"input_ids": full_ids, "labels": labels}
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _tokenize_chat(messages: list[dict], tokenizer, train_on_inputs: bool) -> dict:
+    text = _render(tokenizer, messages)
+    spans = []  # character spans of assistant turns (content + end-of-turn marker)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1])
+        if not text.startswith(upto) or not upto.startswith(before):
+            raise DataError(
+                "the chat template does not render conversations prefix-stably (a turn changes how earlier turns "
+                "are rendered), so assistant turns cannot be located for loss masking. Set data.train_on_inputs: "
+                "true, or give model.chat_template."
+            )
+        spans.append((len(before), len(upto)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    if train_on_inputs:
+        return {"input_ids": ids, "labels": list(ids)}
+    labels = [
+        tok if any(start <= s < end for start, end in spans) else IGNORE_INDEX
+        for tok, (s, _e) in zip(ids, encoded["offset_mapping"])
+    ]
+    return {"input_ids": ids, "labels": labels}
+
+
+def end_of_turn_token(tokenizer) -> tuple[int | None, str]:
+    """The token the chat template puts right after an assistant message, and its text."""
+    probe = "Xq7Zk"
+    text = _render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}])
+    tail = text[text.rindex(probe) + len(probe) :]
+    if not tail:
+        return None, ""
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    return (ids[0] if ids else None), tail
+
+
+def check_stop_token(tokenizer, generation_config) -> tuple[list[int], str | None]:
+    """Make sure generation stops on the token that ends assistant turns.
+
+    Returns the eos ids generation should use and a message when they had to change (None when all was well).
+    A model fine-tuned to end turns with `<|im_end|>` but generating until `</s>` rambles on forever.
+    """
+    turn_end, tail = end_of_turn_token(tokenizer)
+    eos = generation_config.eos_token_id if generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if turn_end is None:
+        return eos_ids, (
+            "the chat template puts nothing after an assistant message, so the model cannot learn where a turn ends; "
+            "generation will only stop at max_new_tokens. Use a template with an end-of-turn token."
+        )
+    if turn_end in eos_ids:
+        return eos_ids, None
+    name = tokenizer.convert_ids_to_tokens(turn_end)
+    special = turn_end in set(tokenizer.all_special_ids)
+    note = (
+        f"the chat template ends assistant turns with {name!r} (id {turn_end}) but generation stops on "
+        f"{eos_ids}; adding {turn_end} to generation_config.eos_token_id so the fine-tuned model stops where it learned to."
+    )
+    if not special:
+        note += f" Note: {tail!r} is not a special token, so stopping on it may cut words; prefer a template with one."
+    return [*eos_ids, turn_end], note
+
+
+def fingerprint(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return fingerprint(vocab, tokenizer.chat_template, tokenizer.eos_token, tokenizer.bos_token, type(tokenizer).__name__)
+
+
+def tokenize_rows(rows: list[dict], tokenizer, train_on_inputs: bool, cache: Path | None = None, on_main_first=None):
+    """A tokenized `datasets.Dataset` (`input_ids`, `labels`), cached under `cache` keyed by content.
+
+    The key covers the rows themselves, the tokenizer (vocab, template, specials) and the masking option, so a
+    changed file or template never reuses stale tokens. `on_main_first` (accelerate's `main_process_first`) makes
+    rank 0 tokenize while the other ranks wait, then load the cache, instead of all ranks tokenizing at once.
+    """
+    import contextlib
+
+    import datasets
+
+    key = fingerprint(rows, tokenizer_fingerprint(tokenizer), train_on_inputs, "v1")
+    path = cache / key if cache is not None else None
+    ctx = on_main_first() if on_main_first is not None else contextlib.nullcontext()
+    with ctx:
+        if path is not None and (path / "dataset_info.json").is_file():
+            return datasets.load_from_disk(str(path))
+        ds = datasets.Dataset.from_list([tokenize_row(r, tokenizer, train_on_inputs) for r in rows])
+        if path is not None:
+            import os
+            import shutil
+
+            tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+            ds.save_to_disk(str(tmp))
+            try:
+                tmp.rename(path)
+            except OSError:  # another process (e.g. another node's main rank) finished first: use its copy
+                shutil.rmtree(tmp, ignore_errors=True)
+            ds = datasets.load_from_disk(str(path))
+        return ds

@@ -1,0 +1,70 @@
+"""PEFT's own path: a base loaded with its adapter (the reference a merge is checked against) and the fallback
+merge through `merge_and_unload`."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from finetune.errors import FinetuneError
+
+log = logging.getLogger(__name__)
+
+@contextmanager
+def quiet_transformers():
+    """Silence load reports and progress bars while the merge loads models it checks itself."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_base_with_adapter(
+    base_dir: Path, adapter_dir: Path, model_class, overrides: dict, vocab_size: int | None,
+    round_to: torch.dtype = torch.float32,
+):  # fmt: skip
+    """Base in fp32 with the adapter attached (unmerged), as PEFT runs it. `overrides` set config fields such as
+    the classification labels; `vocab_size` resizes the embeddings first when the run resized them; `round_to`
+    rounds the base weights to that dtype (kept in fp32 storage), as the merged checkpoint rounds them."""
+    from peft import PeftModel
+
+    with quiet_transformers():
+        model = model_class.from_pretrained(base_dir, dtype=torch.float32, **overrides)
+        if vocab_size is not None and vocab_size != model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(vocab_size)
+        if round_to != torch.float32:
+            for param in model.parameters():  # one tensor at a time: no second copy of the model
+                param.data = param.data.to(round_to).float()
+        try:
+            model = PeftModel.from_pretrained(model, adapter_dir)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise FinetuneError(f"PEFT cannot load adapter {adapter_dir} onto base {base_dir}: {exc}") from None
+    return model.eval()
+
+
+def peft_merge(
+    base_dir: Path, adapter_dir: Path, model_class, overrides: dict, vocab_size: int | None,
+    dtype: torch.dtype, out_dir: Path, max_shard_size: int,
+) -> None:  # fmt: skip
+    """Merge with PEFT's `merge_and_unload` into the fp32 base, then cast and save (needs the whole model in RAM)."""
+    model = load_base_with_adapter(base_dir, adapter_dir, model_class, overrides, vocab_size)
+    with quiet_transformers():
+        merged = model.merge_and_unload(safe_merge=True).to(dtype)
+        merged.config.dtype = dtype
+        merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    del model, merged  # one model in memory at a time: free before the caller loads the next
+    gc.collect()

@@ -1,0 +1,251 @@
+"""Reading a recipe: YAML, `key.path=value` overrides, validation with one readable line per problem, and saving
+the resolved recipe (secrets redacted)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from finetune.errors import RecipeError
+from finetune.recipe.schema import Recipe
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key.path=value` overrides and validate; raises RecipeError with every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"recipe file not found: {path}"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"not valid YAML: {exc}"], source=str(path)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError([f"a recipe is a mapping of sections, got {type(data).__name__}"], source=str(path))
+    data = apply_overrides(data, overrides)
+    recipe = validate_recipe(data, source=str(path))
+    resolve_data_paths(recipe, path.resolve().parent)
+    return recipe
+
+
+def resolve_data_paths(recipe: Recipe, recipe_dir: Path) -> None:
+    """A relative data path is read from the working directory, or else from the recipe file's folder."""
+    for source in [*recipe.data.train, *(recipe.data.eval or [])]:
+        path = Path(source.path)
+        if path.is_absolute() or path.exists():
+            continue
+        beside = recipe_dir / path
+        if beside.exists():
+            source.path = str(beside)
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Set `a.b.c=value` pairs into a copy of `data`; values are parsed as YAML (`3`, `true`, `[a, b]`)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: expected key.path=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            if raw.strip()[:1] in "[{":
+                problems.append(
+                    f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); "
+                    f"quote items with special characters, e.g. {key.strip()}='[\"Who are you?\"]'"
+                )
+                continue
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if isinstance(child, str) and part in ("adapter",):
+                child = {"type": child}
+            if not isinstance(child, dict):
+                child = {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    if problems:
+        raise RecipeError(problems)
+    return data
+
+
+def validate_recipe(data: dict, source: str | None = None) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_errors(exc), source=source) from None
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _model_at(loc: tuple, root: type[BaseModel] = None) -> type[BaseModel] | None:
+    """The pydantic model class found by walking `loc` (list indices skipped) from the Recipe root."""
+    model = root or Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = _section_type(field.annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _field_at(loc: tuple):
+    if not loc:
+        return None
+    *parent, last = [p for p in loc if not isinstance(p, int)] or [None]
+    model = _model_at(tuple(parent))
+    return model.model_fields.get(last) if model is not None and last is not None else None
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    # Pydantic adds type tags to locations inside unions and validators ("list[str]", "function-after[...]").
+    return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS))
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "literal"}
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "recipe"
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_EXPECTED = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """One readable line per problem: key path, what is wrong, what is allowed, and a did-you-mean hint."""
+    problems: list[str] = []
+    for err in exc.errors():
+        loc = _clean_loc(tuple(err["loc"]))
+        where = _dotted(loc)
+        kind = err["type"]
+        value = err.get("input")
+        if kind == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            allowed = _field_names(parent) if parent else []
+            key = str(loc[-1])
+            hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            msg = f"{where}: unknown key."
+            msg += f" Did you mean '{hint[0]}'?" if hint else f" Allowed keys: {', '.join(allowed)}."
+        elif kind == "missing":
+            field = _field_at(loc)
+            section = _section_type(field.annotation) if field is not None else None
+            doc = (field.description if field is not None else None) or (section.__doc__ if section else None)
+            what = f" ({doc.strip().rstrip('.')})" if doc else ""
+            msg = f"{where}: required key is missing{what}."
+        elif kind in ("literal_error", "enum"):
+            allowed = [str(a) for a in _literal_values(_field_at(loc))]
+            msg = f"{where}: {_show(value)} is not allowed; choose one of: {', '.join(allowed)}."
+            hint = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6)
+            if hint:
+                msg += f" Did you mean '{hint[0]}'?"
+        elif kind in _EXPECTED:
+            msg = f"{where}: expected {_EXPECTED[kind]}, got {_show(value)} ({type(value).__name__})."
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            bound = {
+                "greater_than": "greater than",
+                "greater_than_equal": "at least",
+                "less_than": "less than",
+                "less_than_equal": "at most",
+            }[kind]
+            limit = next(iter(err.get("ctx", {}).values()), "?")
+            msg = f"{where}: must be {bound} {limit}, got {_show(value)}."
+        elif kind == "value_error":
+            text = str(err.get("ctx", {}).get("error", err["msg"]))
+            for line in text.splitlines():
+                problems.append(line if where == "recipe" else f"{where}: {line}")
+            continue
+        else:
+            msg = f"{where}: {err['msg']} (got {_show(value)})."
+        problems.append(msg)
+    return problems
+
+
+def _literal_values(field) -> list:
+    if field is None:
+        return []
+    values: list = []
+
+    def walk(annotation: Any) -> None:
+        if get_origin(annotation) is Literal:
+            values.extend(get_args(annotation))
+        else:
+            for arg in get_args(annotation):
+                walk(arg)
+
+    walk(field.annotation)
+    return values
+
+
+# Keys that hold credentials: `token`, `hub_token`, `password`, `api_key`... (not `max_new_tokens`).
+_SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key|access_key)$", re.IGNORECASE)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if _SECRET_KEY.search(k) and v else _redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The resolved recipe (defaults filled in), with anything that looks like a secret redacted."""
+    return _redact(recipe.model_dump(mode="json"))
+
+
+def save_recipe(recipe: Recipe, folder: str | os.PathLike, name: str = "recipe.yaml") -> Path:
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    return path

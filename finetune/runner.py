@@ -1,0 +1,112 @@
+"""The run, in order: recipe → checks that need no model → output folder and data rows → load model → adapter →
+trainer → plan → train → save → evaluate.
+
+The order matters: everything that can fail cheaply (recipe, combinations, output folder, data rows) is checked
+before the model is loaded, so a typo costs seconds, not a model load."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.checks import check_output_dir, check_recipe, recipe_warnings
+from finetune.distributed.guards import check_world_size, join_process_group
+from finetune.models.adapters import attach_adapter
+from finetune.models.loading import load_base, load_model
+from finetune.models.parameters import count_parameters, dtype_bytes
+from finetune.recipe import Recipe
+from finetune.runtime import Runtime, apply_threads, resolve_runtime
+from finetune.tasks.registry import load_task
+from finetune.training.arguments import training_arguments
+from finetune.training.callbacks import run_callbacks
+from finetune.training.outputs import final_evaluation, save_run_files
+from finetune.training.plan import make_plan
+
+log = logging.getLogger("finetune")
+
+def prepare_run(recipe: Recipe) -> tuple[Runtime, Path]:
+    """Decide device/precision/threads, check everything that needs no model, set seeds, join the other processes."""
+    from transformers import set_seed
+
+    runtime = resolve_runtime(recipe)
+    apply_threads(runtime)
+    check_recipe(recipe, runtime)
+    if runtime.is_main:
+        for warning in recipe_warnings(recipe, runtime):
+            log.warning("%s", warning)
+    out = check_output_dir(recipe)
+    set_seed(recipe.train.seed)
+    # A missing rank fails after FINETUNE_JOIN_TIMEOUT instead of DeepSpeed's 30-minute default; a world smaller
+    # than `finetune launch` asked for (accelerate's one-process traps) fails instead of training alone.
+    join_process_group()
+    check_world_size()
+    return runtime, out
+
+
+def check_trainer_world(trainer) -> None:
+    """The world the Trainer really got must be the one asked for."""
+    check_world_size(actual=trainer.args.world_size)
+
+
+def finish_distributed() -> None:
+    """Tear the process group down so processes exit cleanly (gloo can abort at interpreter exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced: the metrics written to train_metrics.json and the trained model in memory."""
+
+    metrics: dict
+    model: object
+    tokenizer: object
+    output_dir: Path
+    trainer: object = None  # the Trainer that ran (its datasets and collator), for inspection
+
+
+def run(recipe: Recipe, callbacks=()) -> RunResult:
+    """Run the recipe's task; `callbacks` (transformers `TrainerCallback`s) are added to the Trainer's."""
+    from accelerate import PartialState
+
+    runtime, out = prepare_run(recipe)
+    task = load_task(recipe.task)(recipe, runtime)
+    path, tokenizer = load_base(recipe)
+    # Data before the model: a bad row or an unknown metric costs seconds, not a model load. The main process
+    # tokenizes first and caches; the others then read its cache instead of racing it.
+    task.prepare_data(tokenizer, path, PartialState().main_process_first)
+
+    model = load_model(recipe, runtime, path, task.model_class(), **task.model_kwargs())
+    heads = task.prepare_model(model, tokenizer)  # on the bare model: PEFT's wrapper hides its head
+    model = attach_adapter(model, recipe, task_type=task.peft_task_type, head_modules=heads)
+
+    has_eval = task.eval_dataset is not None
+    config_class, task_arguments = task.trainer_config()
+    args = training_arguments(recipe, runtime, out, has_eval=has_eval, config_class=config_class, **task_arguments)
+    trainer = task.build_trainer(model, args, tokenizer, run_callbacks(recipe, callbacks))
+    check_trainer_world(trainer)
+
+    # The plan comes after the trainer is built: packing happens in its dataset preparation and changes the steps.
+    counts = count_parameters(trainer.model, dtype_bytes(runtime.dtype_name))
+    eval_rows = len(task.eval_dataset) if has_eval else 0
+    plan = make_plan(recipe, runtime, counts, eval_rows=eval_rows, skipped=task.skipped, model_name=recipe.model.name_or_path,
+                     **task.plan_rows(trainer))
+    if runtime.is_main:
+        print(plan.render(), flush=True)
+        for key, value in task.plan_lines():
+            print(f"  {key.ljust(15)}  {value}", flush=True)
+
+    trainer.train()
+    trainer.save_model(str(out))  # PEFT adapter folder (gathered from all ranks under ZeRO-3), head, tokenizer
+    extra = {"skipped_rows": task.skipped, **task.metrics_extra()}
+    if has_eval:
+        extra["eval"] = final_evaluation(trainer, recipe)
+    if trainer.is_world_process_zero():
+        extra.update(task.save_outputs(trainer, out, extra))
+    trainer.accelerator.wait_for_everyone()
+    metrics = save_run_files(trainer, recipe, out, plan, extra)
+    return RunResult(metrics, trainer.model, tokenizer, out, trainer)

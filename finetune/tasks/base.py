@@ -1,0 +1,72 @@
+"""What a task supplies to the run: how rows become examples, which model class and head, which trainer, metrics
+and extra outputs. `finetune.runner.run` calls these hooks in its one order; a task overrides what differs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.recipe import DataSource, Recipe
+from finetune.runtime import Runtime
+
+
+class Task:
+    """One run of one task. The runner creates it after the checks and calls, in order: `prepare_data` (before the
+    model is loaded, so a bad row costs seconds), `model_class` / `model_kwargs` (the load), `prepare_model` (before
+    the adapter), `trainer_config` and `build_trainer`, `plan_lines`, and after training `metrics_extra` and, on the
+    main process, `save_outputs`."""
+
+    peft_task_type: str  # peft's TaskType name for LoraConfig
+
+    def __init__(self, recipe: Recipe, runtime: Runtime):
+        self.recipe = recipe
+        self.runtime = runtime
+        self.train_dataset = None
+        self.eval_dataset = None
+        self.skipped = 0  # unusable rows dropped under data.on_bad_row: skip
+
+    @classmethod
+    def read_rows(cls, recipe: Recipe, sources: list[DataSource]):
+        """Read and check every row of `sources` (`finetune validate --data`); returns `finetune.data.rows.Rows`."""
+        raise NotImplementedError
+
+    def prepare_data(self, tokenizer, model_path: str, main_first) -> None:
+        """Set `train_dataset`, `eval_dataset` (None without eval data) and `skipped`. `main_first` is accelerate's
+        `main_process_first`, for work the main process should do (and cache) before the others read it."""
+        raise NotImplementedError
+
+    def model_class(self):
+        """The transformers auto class the base is loaded with."""
+        raise NotImplementedError
+
+    def model_kwargs(self) -> dict:
+        """Extra `from_pretrained` arguments (a classifier's label count, say)."""
+        return {}
+
+    def prepare_model(self, model, tokenizer) -> list[str]:
+        """Adjust the loaded model before the adapter wraps it; returns the modules to train in full (a new head)."""
+        return []
+
+    def trainer_config(self) -> tuple[type, dict]:
+        """The `TrainingArguments` class the trainer takes, and the task's own arguments for it."""
+        from transformers import TrainingArguments
+
+        return TrainingArguments, {}
+
+    def build_trainer(self, model, args, tokenizer, callbacks: list):
+        raise NotImplementedError
+
+    def plan_rows(self, trainer) -> dict:
+        """What the plan says about the rows: `train_rows` (what the trainer iterates) and `rows_before_packing`."""
+        return {"train_rows": len(trainer.train_dataset), "rows_before_packing": None}
+
+    def plan_lines(self) -> list[tuple[str, str]]:
+        """Extra (key, value) lines printed under the plan."""
+        return []
+
+    def metrics_extra(self) -> dict:
+        """Task facts recorded in `train_metrics.json`, on every process."""
+        return {}
+
+    def save_outputs(self, trainer, out: Path, metrics: dict) -> dict:
+        """Main process only, after saving the adapter: the task's own files; returns more for the metrics."""
+        return {}

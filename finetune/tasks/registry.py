@@ -1,0 +1,21 @@
+"""The tasks a recipe's `task:` can name, and the class that implements each.
+
+Adding a task is one module in `finetune/tasks/` (a `Task` subclass) and one line here. The classes are named, not
+imported, so the recipe schema can list the tasks (and `finetune validate` stay fast) without importing any of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> ("module:Class", what it trains, for the recipe reference)
+TASKS = {
+    "sft": ("finetune.tasks.sft:SFTTask", "supervised fine-tuning of a causal LM"),
+    "classification": ("finetune.tasks.classification:ClassificationTask", "sequence classification"),
+}
+
+
+def load_task(name: str):
+    """The `Task` subclass registered as `name`."""
+    module, _, cls = TASKS[name][0].partition(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,72 @@
+"""Trainer callbacks every run gets: early stopping, the quantized-weights guard, the ZeRO partition report."""
+
+from __future__ import annotations
+
+import os
+
+from finetune.errors import FinetuneError
+from finetune.recipe import Recipe
+
+def run_callbacks(recipe: Recipe, extra=()) -> list:
+    """The callbacks of a run: `extra` (the caller's), early stopping, the quantized-weights guard, diagnostics."""
+    from transformers import EarlyStoppingCallback
+
+    from finetune.distributed.zero import PARTITION_REPORT_ENV
+
+    found = list(extra)
+    if recipe.is_quantized:
+        found.append(quantized_weights_guard())
+    if recipe.train.early_stopping_patience:
+        found.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping_patience))
+    if os.environ.get(PARTITION_REPORT_ENV):
+        found.append(partition_reporter(os.environ[PARTITION_REPORT_ENV]))
+    return found
+
+
+def quantized_weights_guard():
+    """Stop the run if a 4-bit layer was repacked for inference: training on it would use wrong gradients.
+
+    `attach_adapter` keeps bitsandbytes from repacking; this checks that it held, when training starts and after
+    every evaluation (the eval-mode, no-grad forward passes that trigger the repacking).
+    """
+    from transformers import TrainerCallback
+
+    from finetune.models.quantization import repacked_4bit_layers
+
+    def check(model) -> None:
+        layers = repacked_4bit_layers(model)
+        if layers:
+            import bitsandbytes
+
+            raise FinetuneError(
+                f"bitsandbytes {bitsandbytes.__version__} repacked {len(layers)} 4-bit layer(s) ({layers[0]}, ...) into "
+                "its CPU inference layout, which has no gradients; training on would use wrong gradients, so the run "
+                "stops. The kit keeps bitsandbytes 0.50 from repacking while training; this version repacks another "
+                "way. Use bitsandbytes 0.50 (pip install 'bitsandbytes>=0.50,<0.51'), or train without evaluation data."
+            )
+
+    class QuantizedWeightsGuard(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            check(model)
+
+        def on_evaluate(self, args, state, control, model=None, **kwargs):
+            check(model)
+
+    return QuantizedWeightsGuard()
+
+
+def partition_reporter(folder: str):
+    """FINETUNE_REPORT_PARTITION=FOLDER: each rank writes what it holds of every weight when training ends.
+
+    A diagnostic for ZeRO-3 (is the model really split across the processes?); tests/test_zero.py reads it.
+    Written after the last step, before saving: the weights ZeRO-3 keeps whole once used are then whole.
+    """
+    from transformers import TrainerCallback
+
+    from finetune.distributed.zero import write_partition_report
+
+    class PartitionReport(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            write_partition_report(model, folder, args.process_index, args.world_size)
+
+    return PartitionReport()
