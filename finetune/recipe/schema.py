@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from finetune.tasks.registry import TASKS
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -267,8 +269,8 @@ class MergeConfig(Section):
 class Recipe(Section):
     """A fine-tuning recipe."""
 
-    task: Literal["sft", "classification"] = Field(
-        "sft", description="`sft`: supervised fine-tuning of a causal LM; `classification`: sequence classification."
+    task: Literal[tuple(TASKS)] = Field(  # the registered tasks (finetune/tasks/registry.py)
+        "sft", description="; ".join(f"`{name}`: {what}" for name, (_, what) in TASKS.items()) + "."
     )
     model: ModelConfig
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
