@@ -1,4 +1,5 @@
-"""Classification metrics that work offline: `evaluate` modules shipped with the kit, and a report built on them.
+"""Classification metrics that work offline: `evaluate` modules shipped with the kit (for the names a recipe's
+`eval.metrics` gives), and the full report every evaluation writes, computed with scikit-learn directly.
 
 `evaluate.load("accuracy")` needs the Hugging Face Hub (the evaluate wheel ships no metric scripts), so the
 kit ships its own modules in evaluate's format next to this file and loads them by path. Each one is a
@@ -9,7 +10,6 @@ cannot import from this package.
 from __future__ import annotations
 
 import difflib
-import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,49 +66,42 @@ def _script_path(path: Path) -> str:
     return str(script.resolve())
 
 
-@functools.lru_cache(maxsize=None)
-def _shipped(name: str, config_name: str | None) -> evaluate.EvaluationModule:
-    """One loaded module per (metric, config): `compute` resets its state, so reuse is safe and skips reloading."""
-    return load_metric(name, config_name)
-
-
 def classification_report(
     predictions: Any, references: Any, label_names: list[str], multi_label: bool = False
 ) -> dict[str, Any]:
     """Accuracy, macro/micro/weighted precision-recall-F1, per-class scores and the confusion matrix.
 
-    Computed through the shipped evaluate modules, so the numbers match what `eval.metrics` reports.
-    Single-label: `predictions`/`references` are class ids in `[0, len(label_names))`. Multi-label: multi-hot
-    rows of width `len(label_names)`; accuracy is then subset accuracy (every label of a row right) and the
-    confusion matrix is one `[[TN, FP], [FN, TP]]` per label. Every class counts in the macro averages even
-    when absent from the data, and a score whose denominator is zero is 0 (scikit-learn's `zero_division=0`).
+    Computed with scikit-learn directly (the same functions the shipped `evaluate` modules call, without loading
+    five modules per evaluation). Single-label: `predictions`/`references` are class ids in `[0, len(label_names))`.
+    Multi-label: multi-hot rows of width `len(label_names)`; accuracy is then subset accuracy (every label of a row
+    right) and the confusion matrix is one `[[TN, FP], [FN, TP]]` per label. Every class counts in the macro averages
+    even when absent from the data, and a score whose denominator is zero is 0 (scikit-learn's `zero_division=0`).
     """
+    from sklearn.metrics import accuracy_score, confusion_matrix, multilabel_confusion_matrix, precision_recall_fscore_support
+
     predictions, references = np.asarray(predictions), np.asarray(references)
     _check_shapes(predictions, references, len(label_names), multi_label)
-    config = "multilabel" if multi_label else None
     labels = list(range(len(label_names)))
-    inputs = {"predictions": predictions, "references": references}
 
-    report: dict[str, Any] = {
-        "num_examples": len(references),
-        "accuracy": _shipped("accuracy", config).compute(**inputs)["accuracy"],
-    }
-    per_class: dict[str, list[float]] = {}
-    for name in ("precision", "recall", "f1"):
-        metric = _shipped(name, config)
-        for average in _AVERAGES:
-            scores = metric.compute(**inputs, labels=labels, average=average, zero_division=0)
-            report[f"{name}_{average}"] = scores[name]
-        per_class[name] = metric.compute(**inputs, labels=labels, average=None, zero_division=0)[name]
+    report: dict[str, Any] = {"num_examples": len(references), "accuracy": float(accuracy_score(references, predictions))}
+    for average in _AVERAGES:
+        scores = precision_recall_fscore_support(references, predictions, labels=labels, average=average, zero_division=0)
+        for name, score in zip(("precision", "recall", "f1"), scores[:3]):
+            report[f"{name}_{average}"] = float(score)
+    per_class = dict(zip(("precision", "recall", "f1"), precision_recall_fscore_support(
+        references, predictions, labels=labels, average=None, zero_division=0)[:3]))
 
-    matrix = _shipped("confusion_matrix", config).compute(**inputs, labels=labels)["confusion_matrix"]
+    if multi_label:
+        matrix = multilabel_confusion_matrix(references, predictions, labels=labels).tolist()
+    else:
+        matrix = confusion_matrix(references, predictions, labels=labels).tolist()
     # Support is the number of rows whose true label is the class: a row sum, or FN + TP per label.
     support = [sum(row) for row in matrix] if not multi_label else [fn + tp for _, (fn, tp) in matrix]
     report["per_class"] = {
         label: {
-            "precision": per_class["precision"][i],
-            "recall": per_class["recall"][i],
-            "f1": per_class["f1"][i],
+            "precision": float(per_class["precision"][i]),
+            "recall": float(per_class["recall"][i]),
+            "f1": float(per_class["f1"][i]),
             "support": int(support[i]),
         }
         for i, label in enumerate(label_names)
