@@ -20,29 +20,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().paren
 
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-
-WORDS = (
-    "the a an is are was what who where when how why which capital color colour of in on at to from and or "
-    "paris london rome berlin madrid red green blue yellow black white one two three four five six seven eight "
-    "nine ten cat dog bird fish sun moon star tree river sea mountain city country france england italy germany "
-    "spain yes no hello hi thanks please good bad big small fast slow question answer user assistant system "
-    "you i we they it this that number plus minus equals name my your kit recipe model adapter train"
-).split()
-
-
-def _corpus() -> list[str]:
-    lines = [" ".join(WORDS[i : i + 12]) for i in range(0, len(WORDS), 6)]
-    return lines * 4 + ["user assistant system hello what is the capital of france paris"]
-
-
-def build_tokenizer(folder: Path, model_max_length: int = 256):
-    """The tests' word-level tokenizer (ChatML specials and template), built offline from WORDS."""
-    from finetune.tiny import build_tokenizer as build
-
-    tokenizer = build(_corpus(), model_max_length)
-    tokenizer.save_pretrained(folder)
-    return tokenizer
+from support import REPO, build_tiny_bert, build_tiny_llama, build_tokenizer  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -52,26 +30,18 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def build_tiny_llama(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """A 2-layer random Llama (hidden 32) with the tests' tokenizer saved beside it."""
-    from finetune.tiny import write_tiny_llama
-
-    write_tiny_llama(folder, _corpus(), hidden=hidden, layers=layers, max_length=256, seed=seed)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    """Session-wide tiny Llama checkpoint folder. Treat as read-only."""
+    """Session-wide tiny Llama checkpoint folder (hidden 32). Treat as read-only."""
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def build_tiny_bert(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
-    """A 2-layer random BERT (hidden 32, 128 positions) with a WordPiece tokenizer built offline from WORDS."""
-    from finetune.tiny import write_tiny_bert
+@pytest.fixture(scope="session")
+def llama64(tmp_path_factory) -> Path:
+    """Session-wide tiny Llama with hidden 64. Treat as read-only.
 
-    write_tiny_bert(folder, _corpus(), hidden=hidden, layers=2, max_length=128, seed=seed)
-    return folder
+    bitsandbytes' CPU 4-bit kernels work on blocks of 64 input features: hidden 32 is too small to quantize."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), hidden=64)
 
 
 @pytest.fixture(scope="session")

@@ -14,54 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
 from finetune.errors import DataError, FinetuneError, RecipeError
 from finetune.recipe import validate_recipe
-
-KEYWORDS = ("cat", "dog", "bird", "fish")
-FILLER = "the a is of in on at to from and or red green blue one two three sun moon tree river city".split()
-
-
-def keyword_rows(n: int, keywords=KEYWORDS, seed: int = 0, weights=None) -> list[dict]:
-    """A learnable task: three filler words and one keyword at a random place; the label is the keyword."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = rng.choices(keywords, weights)[0] if weights else keywords[i % len(keywords)]
-        words = [rng.choice(FILLER) for _ in range(3)]
-        words.insert(rng.randrange(4), label)
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def cls_recipe(model_dir: Path, tmp: Path, rows: list[dict] | None = None, **sections) -> dict:
-    train = write_jsonl(tmp / "train.jsonl", rows if rows is not None else keyword_rows(400))
-    recipe = {
-        "task": "classification",
-        "model": {"name_or_path": str(model_dir)},
-        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(train), "eval_fraction": 0.2, "max_length": 32},
-        "train": {
-            "epochs": 5,
-            "micro_batch_size": 16,
-            "learning_rate": 1e-2,
-            "warmup_ratio": 0.0,
-            "logging_steps": 5,
-            "eval_steps": 1000,  # only the evaluations before and after training
-            "save_checkpoints": False,
-            "num_threads": 1,
-        },
-        "output": {"dir": str(tmp / "out")},
-    }
-    for key, value in sections.items():
-        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
-    return recipe
-
+from support import FILLER, KEYWORDS, REPO, cls_recipe, keyword_rows, write_jsonl
 
 def eval_history(result) -> list[dict]:
     return [h for h in result.metrics["log_history"] if "eval_loss" in h]
@@ -302,14 +257,6 @@ def test_class_weights_learn_the_rare_class(bert_dir, tmp_path, caplog):
     before_weighted, before_plain = eval_history(result)[0], eval_history(run(plain))[0]
     assert before_weighted["eval_accuracy"] == before_plain["eval_accuracy"]
     assert abs(before_weighted["eval_loss"] - before_plain["eval_loss"]) > 1e-3, (before_weighted, before_plain)
-
-
-@pytest.fixture(scope="module")
-def llama64(tmp_path_factory) -> Path:
-    from conftest import build_tiny_llama
-
-    # bitsandbytes' CPU 4-bit kernels work on blocks of 64 input features: hidden 32 is too small to quantize.
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), hidden=64)
 
 
 def test_qlora_classifier_keeps_head_full_precision(llama64, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -11,6 +10,7 @@ from finetune.data.rows import split_rows
 from finetune.data.sft import IGNORE_INDEX, check_stop_token, load_rows, normalise_row, tokenize_row, tokenize_rows
 from finetune.errors import DataError
 from finetune.recipe import DataConfig
+from support import write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +18,6 @@ def tokenizer(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def config(path, **kw) -> DataConfig:

@@ -16,7 +16,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import build_tiny_llama
 from finetune.commands import merge
 from finetune.merge import lora as merge_lora
 from finetune.merge import streaming as merge_streaming
@@ -90,12 +89,6 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 def leftovers(parent: Path) -> list[str]:
     """Temporary folders a merge may have left in the output's parent."""
     return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".quantized-" in p.name or ".old-" in p.name)
-
-
-@pytest.fixture(scope="module")
-def llama64(tmp_path_factory) -> Path:
-    # bitsandbytes' CPU 4-bit kernels work on blocks of 64 input features: hidden 32 is too small to quantize.
-    return build_tiny_llama(tmp_path_factory.mktemp("merge-llama-64"), hidden=64)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, build_tiny_llama
 from finetune.recipe import validate_recipe
-from test_sft import capitals_data, sft_recipe
+from support import REPO, build_tiny_llama, capitals_data, sft_recipe
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -22,12 +21,6 @@ def llama256(tmp_path_factory) -> Path:
     # Each quantized layer carries ~1 KB of constants (code tables); at hidden 64 that is a third of the layer,
     # so the memory ratio is measured at a width where layers look like real ones (still only 1.3M parameters).
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-256"), hidden=256)
-
-
-@pytest.fixture(scope="module")
-def llama64(tmp_path_factory) -> Path:
-    # bitsandbytes' CPU 4-bit kernels work on blocks of 64 input features: hidden 32 is too small to quantize.
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), hidden=64)
 
 
 def load_quantized(model_dir: Path, bits: int):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,47 +12,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
 from finetune.recipe import validate_recipe
-
-CAPITALS = {"france": "paris", "england": "london", "italy": "rome", "germany": "berlin", "spain": "madrid"}
-
-
-def capitals_data(path: Path, n: int = 40) -> Path:
-    rng = random.Random(0)
-    with path.open("w") as fh:
-        for _ in range(n):
-            country = rng.choice(list(CAPITALS))
-            row = {
-                "messages": [
-                    {"role": "user", "content": f"what is the capital of {country}"},
-                    {"role": "assistant", "content": CAPITALS[country]},
-                ]
-            }
-            fh.write(json.dumps(row) + "\n")
-    return path
-
-
-def sft_recipe(model_dir: Path, tmp_path: Path, **sections) -> dict:
-    recipe = {
-        "model": {"name_or_path": str(model_dir)},
-        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(capitals_data(tmp_path / "train.jsonl")), "max_length": 64},
-        "train": {
-            "epochs": 6,
-            "micro_batch_size": 8,
-            "learning_rate": 3e-2,
-            "warmup_ratio": 0.0,
-            "logging_steps": 1,
-            "save_checkpoints": False,
-            "num_threads": 1,
-        },
-        "output": {"dir": str(tmp_path / "out")},
-    }
-    for key, value in sections.items():
-        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
-    return recipe
-
+from support import REPO, sft_recipe
 
 @pytest.fixture(scope="module")
 def trained(tiny_llama_dir, tmp_path_factory):
@@ -82,12 +42,13 @@ def test_base_weights_frozen_and_adapter_trained(trained, tiny_llama_dir):
     original = load_file(str(tiny_llama_dir / "model.safetensors"))
     base = result.model.get_base_model()
     state = {k: v for k, v in base.state_dict().items() if "lora_" not in k}
-    checked = 0
+    checked = set()
     for name, tensor in original.items():
         key = name if name in state else name.replace(".weight", ".base_layer.weight")
         assert torch.equal(state[key], tensor), f"base weight {name} changed"
-        checked += 1
-    assert checked == len(original)
+        checked.add(key)
+    # Every base weight of the trained model was compared with the checkpoint: none left unchecked, none missing.
+    assert checked == set(state), sorted(set(state) ^ checked)
     lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.requires_grad for p in lora_b)
     # PEFT initialises lora_B to zero, so any non-zero B was learned.

@@ -34,9 +34,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
 from finetune.recipe import load_recipe
-from test_sft import capitals_data
+from support import REPO, capitals_data
 
 RECIPES = REPO / "recipes"
 STEPS = 12  # 2.4 epochs of the 40 capitals rows at 8 rows per step; the recipes' own 36 are for their demo data

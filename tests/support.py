@@ -1,0 +1,153 @@
+"""Helpers shared by several test files: paths, tiny-model builders, data writers and recipe builders.
+
+A plain module (not a test file, not conftest): test files and conftest import from it; no test file imports another.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# --------------------------------------------------------------------------------------------
+# Tiny models and tokenizers, built offline
+# --------------------------------------------------------------------------------------------
+
+WORDS = (
+    "the a an is are was what who where when how why which capital color colour of in on at to from and or "
+    "paris london rome berlin madrid red green blue yellow black white one two three four five six seven eight "
+    "nine ten cat dog bird fish sun moon star tree river sea mountain city country france england italy germany "
+    "spain yes no hello hi thanks please good bad big small fast slow question answer user assistant system "
+    "you i we they it this that number plus minus equals name my your kit recipe model adapter train"
+).split()
+
+
+def _corpus() -> list[str]:
+    lines = [" ".join(WORDS[i : i + 12]) for i in range(0, len(WORDS), 6)]
+    return lines * 4 + ["user assistant system hello what is the capital of france paris"]
+
+
+def build_tokenizer(folder: Path, model_max_length: int = 256):
+    """The tests' word-level tokenizer (ChatML specials and template), built offline from WORDS."""
+    from finetune.tiny import build_tokenizer as build
+
+    tokenizer = build(_corpus(), model_max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_tiny_llama(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A 2-layer random Llama (hidden 32) with the tests' tokenizer saved beside it."""
+    from finetune.tiny import write_tiny_llama
+
+    write_tiny_llama(folder, _corpus(), hidden=hidden, layers=layers, max_length=256, seed=seed)
+    return folder
+
+
+def build_tiny_bert(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
+    """A 2-layer random BERT (hidden 32, 128 positions) with a WordPiece tokenizer built offline from WORDS."""
+    from finetune.tiny import write_tiny_bert
+
+    write_tiny_bert(folder, _corpus(), hidden=hidden, layers=2, max_length=128, seed=seed)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Data writers
+# --------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+CAPITALS = {"france": "paris", "england": "london", "italy": "rome", "germany": "berlin", "spain": "madrid"}
+
+
+def capitals_data(path: Path, n: int = 40) -> Path:
+    """n chat rows asking for the capital of one of five countries (seeded)."""
+    rng = random.Random(0)
+    with path.open("w") as fh:
+        for _ in range(n):
+            country = rng.choice(list(CAPITALS))
+            row = {
+                "messages": [
+                    {"role": "user", "content": f"what is the capital of {country}"},
+                    {"role": "assistant", "content": CAPITALS[country]},
+                ]
+            }
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+KEYWORDS = ("cat", "dog", "bird", "fish")
+FILLER = "the a is of in on at to from and or red green blue one two three sun moon tree river city".split()
+
+
+def keyword_rows(n: int, keywords=KEYWORDS, seed: int = 0, weights=None) -> list[dict]:
+    """A learnable task: three filler words and one keyword at a random place; the label is the keyword."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = rng.choices(keywords, weights)[0] if weights else keywords[i % len(keywords)]
+        words = [rng.choice(FILLER) for _ in range(3)]
+        words.insert(rng.randrange(4), label)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Recipe builders
+# --------------------------------------------------------------------------------------------
+
+
+def _merge_sections(recipe: dict, sections: dict) -> dict:
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    return recipe
+
+
+def sft_recipe(model_dir: Path, tmp_path: Path, **sections) -> dict:
+    """A LoRA SFT recipe on the capitals data; keyword sections are merged into (or replace) the defaults."""
+    recipe = {
+        "model": {"name_or_path": str(model_dir)},
+        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(capitals_data(tmp_path / "train.jsonl")), "max_length": 64},
+        "train": {
+            "epochs": 6,
+            "micro_batch_size": 8,
+            "learning_rate": 3e-2,
+            "warmup_ratio": 0.0,
+            "logging_steps": 1,
+            "save_checkpoints": False,
+            "num_threads": 1,
+        },
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    return _merge_sections(recipe, sections)
+
+
+def cls_recipe(model_dir: Path, tmp: Path, rows: list[dict] | None = None, **sections) -> dict:
+    """A LoRA classification recipe on keyword rows; keyword sections are merged into (or replace) the defaults."""
+    train = write_jsonl(tmp / "train.jsonl", rows if rows is not None else keyword_rows(400))
+    recipe = {
+        "task": "classification",
+        "model": {"name_or_path": str(model_dir)},
+        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(train), "eval_fraction": 0.2, "max_length": 32},
+        "train": {
+            "epochs": 5,
+            "micro_batch_size": 16,
+            "learning_rate": 1e-2,
+            "warmup_ratio": 0.0,
+            "logging_steps": 5,
+            "eval_steps": 1000,  # only the evaluations before and after training
+            "save_checkpoints": False,
+            "num_threads": 1,
+        },
+        "output": {"dir": str(tmp / "out")},
+    }
+    return _merge_sections(recipe, sections)
