@@ -25,6 +25,7 @@ from finetune.training.plan import make_plan
 
 log = logging.getLogger("finetune")
 
+
 def prepare_run(recipe: Recipe) -> tuple[Runtime, Path]:
     """Decide device/precision/threads, check everything that needs no model, set seeds, join the other processes."""
     from transformers import set_seed

@@ -18,6 +18,7 @@ from finetune.errors import DataError, FinetuneError, RecipeError
 from finetune.recipe import validate_recipe
 from support import FILLER, KEYWORDS, REPO, cls_recipe, keyword_rows, write_jsonl
 
+
 def eval_history(result) -> list[dict]:
     return [h for h in result.metrics["log_history"] if "eval_loss" in h]
 

@@ -15,6 +15,7 @@ import yaml
 from finetune.recipe import validate_recipe
 from support import REPO, sft_recipe
 
+
 @pytest.fixture(scope="module")
 def trained(tiny_llama_dir, tmp_path_factory):
     """One LoRA SFT run shared by the tests that inspect its results."""

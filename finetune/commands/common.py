@@ -11,6 +11,7 @@ from typing import Callable
 
 from finetune.errors import FinetuneError
 
+
 def guarded(action: Callable[[], int]) -> int:
     """Run a command; a FinetuneError becomes its message on stderr and a non-zero exit, never a traceback."""
     try:

@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
 
     return validate_command(load_recipe(args.recipe, args.overrides), args.recipe, check_rows=args.data)
 
+
 def validate_command(recipe: Recipe, path: str, check_rows: bool = False) -> int:
     from finetune.checks import check_recipe
     from finetune.runtime import resolve_runtime

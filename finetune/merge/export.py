@@ -13,6 +13,7 @@ from finetune.merge.verify import load_merged, logits_of
 
 log = logging.getLogger(__name__)
 
+
 def quantize_export(
     merged_dir: Path, out_dir: Path, bits: int, model_class, inputs: list[torch.Tensor],
     merged_logits: list[torch.Tensor] | None, max_shard_size: int | str = "5GB",

@@ -15,6 +15,7 @@ from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
 
+
 @contextmanager
 def quiet_transformers():
     """Silence load reports and progress bars while the merge loads models it checks itself."""

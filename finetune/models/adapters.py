@@ -5,6 +5,7 @@ from __future__ import annotations
 from finetune.models.quantization import use_exact_4bit_kernels
 from finetune.recipe import Recipe
 
+
 def build_lora_config(recipe: Recipe, task_type: str, head_modules: list[str] | None = None):
     """A peft `LoraConfig`, or None for a full fine-tune."""
     a = recipe.adapter

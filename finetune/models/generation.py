@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, system_prompt: str | None = None) -> list[dict]:
     import torch
 

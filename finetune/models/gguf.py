@@ -13,6 +13,7 @@ from finetune.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
+
 def convert_gguf(folder: Path, gguf_file: str) -> Path:
     """Dequantize a GGUF checkpoint into a safetensors folder once; later calls return the cached folder.
 

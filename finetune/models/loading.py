@@ -15,6 +15,7 @@ from finetune.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+
 def resolve_model_path(model: ModelConfig) -> str:
     """A path or hub id that `from_pretrained` can load without `gguf_file` (GGUF is converted once and cached)."""
     name = model.name_or_path

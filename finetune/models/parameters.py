@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from finetune.runtime import TORCH_DTYPES
 
+
 @dataclass
 class ParamCounts:
     trainable: int

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from finetune.errors import RecipeError
 from finetune.recipe.schema import Recipe
 
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe, apply `key.path=value` overrides and validate; raises RecipeError with every problem."""
     path = Path(path)

@@ -12,6 +12,7 @@ from finetune.errors import RecipeError
 from finetune.recipe.loading import _model_at, _section_type
 from finetune.recipe.schema import Recipe
 
+
 def _type_name(annotation: Any) -> str:
     origin = get_origin(annotation)
     if origin is Literal:

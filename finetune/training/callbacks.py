@@ -7,6 +7,7 @@ import os
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
 
+
 def run_callbacks(recipe: Recipe, extra=()) -> list:
     """The callbacks of a run: `extra` (the caller's), early stopping, the quantized-weights guard, diagnostics."""
     from transformers import EarlyStoppingCallback
