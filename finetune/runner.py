@@ -67,7 +67,7 @@ class RunResult:
     model: object
     tokenizer: object
     output_dir: Path
-    trainer: object = None  # the Trainer that ran (its datasets and collator), for inspection
+    trainer: object  # the Trainer that ran (its datasets and collator), for inspection
 
 
 def run(recipe: Recipe, callbacks=()) -> RunResult:

@@ -4,6 +4,7 @@ same layer or a lower one, and no modules import each other in a circle. docs/ar
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "finetune"
@@ -103,14 +104,13 @@ def test_no_import_cycles():
 
 def test_the_checks_catch_what_they_are_for(tmp_path, monkeypatch):
     """An upward import and a cycle in a scratch package are found (the tests above could pass by finding nothing)."""
-    global PACKAGE
     scratch = tmp_path / "finetune"
     (scratch / "recipe").mkdir(parents=True)
     (scratch / "__init__.py").write_text('"""The scratch package."""\n')
     (scratch / "errors.py").write_text("def f():\n    from finetune.runner import run\n")  # upward, inside a function
     (scratch / "recipe" / "__init__.py").write_text("from finetune.runner import run\n")
     (scratch / "runner.py").write_text("from finetune.recipe import x\n")
-    monkeypatch.setattr(__import__(__name__), "PACKAGE", scratch)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", scratch)
     graph = import_graph()
     assert graph["finetune.errors"] == {"finetune.runner"}
     assert graph["finetune.recipe"] == {"finetune.runner"} and graph["finetune.runner"] == {"finetune.recipe"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ def load_classifier(target: str | Path) -> Classifier:
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from finetune.models.loading import load_model
+    from finetune.models.loading import load_model, quiet_transformers
     from finetune.models.quantization import use_exact_4bit_kernels
     from finetune.data.classification import LabelMap
     from finetune.tasks.classification import check_max_length, match_pad_token
@@ -73,21 +72,6 @@ def load_classifier(target: str | Path) -> Classifier:
         model = PeftModel.from_pretrained(model, folder)
     model.eval()
     return Classifier(model, tokenizer, labels, check_max_length(recipe, base, tokenizer), recipe)
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def predict_logits(classifier: Classifier, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32):

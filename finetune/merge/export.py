@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.merge.peft import quiet_transformers
+from finetune.models.loading import quiet_transformers
 from finetune.merge.verify import load_merged, logits_of
 
 log = logging.getLogger(__name__)

@@ -5,33 +5,14 @@ from __future__ import annotations
 
 import gc
 import logging
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.models.loading import quiet_transformers
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def quiet_transformers():
-    """Silence load reports and progress bars while the merge loads models it checks itself."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def load_base_with_adapter(

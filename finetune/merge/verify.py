@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from finetune.errors import FinetuneError
-from finetune.merge.peft import load_base_with_adapter, quiet_transformers
+from finetune.merge.peft import load_base_with_adapter
+from finetune.models.loading import quiet_transformers
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from finetune.errors import FinetuneError
@@ -99,3 +101,22 @@ def load_model(recipe: Recipe, runtime: Runtime, path: str, auto_class, **kwargs
     except OSError as exc:
         raise FinetuneError(f"model.name_or_path: cannot load {path!r}: {exc}") from None
     return model
+
+
+@contextmanager
+def quiet_transformers():
+    """Silence transformers' load reports and progress bars (and bitsandbytes' 8-bit cast notice) while the kit loads
+    a model whose report it makes itself (a merge's check, a classifier whose head comes with its adapter)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
