@@ -63,12 +63,12 @@ def _quantization_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
     from finetune.models.quantization import compute_dtype_name
 
     q, problems = recipe.quantization, []
-    if q.bits == 4 and runtime.device == "cpu" and compute_dtype_name(recipe, runtime) == "float16":
+    if q.bits == 4 and runtime.device == "cpu" and compute_dtype_name(recipe, runtime) == "fp16":
         problems.append(
-            "quantization.compute_dtype: float16 on CPU: bitsandbytes' CPU kernels compute in float32 or "
-            "bfloat16, and fp16 training is GPU-only. Use quantization.compute_dtype: auto (float32 here) or bfloat16."
+            "quantization.compute_dtype: fp16 on CPU: bitsandbytes' CPU kernels compute in fp32 or bf16, and fp16 "
+            "training is GPU-only. Use quantization.compute_dtype: auto (fp32 here) or bf16."
         )
-    if q.bits is not None and runtime.precision == "fp16" and runtime.device == "cuda" and q.compute_dtype == "bfloat16":
+    if q.bits is not None and runtime.precision == "fp16" and runtime.device == "cuda" and q.compute_dtype == "bf16":
         problems.append("train.precision: fp16 with quantization.compute_dtype: bfloat16 mixes two half types; use one.")
     return problems
 

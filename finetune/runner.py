@@ -92,7 +92,7 @@ def run(recipe: Recipe, callbacks=()) -> RunResult:
     check_trainer_world(trainer)
 
     # The plan comes after the trainer is built: packing happens in its dataset preparation and changes the steps.
-    counts = count_parameters(trainer.model, dtype_bytes(runtime.dtype_name))
+    counts = count_parameters(trainer.model, dtype_bytes(runtime.precision))
     eval_rows = len(task.eval_dataset) if has_eval else 0
     plan = make_plan(recipe, runtime, counts, eval_rows=eval_rows, skipped=task.skipped, model_name=recipe.model.name_or_path,
                      **task.plan_rows(trainer))

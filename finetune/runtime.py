@@ -6,11 +6,10 @@ import logging
 import os
 from dataclasses import dataclass
 
+from finetune.dtypes import torch_dtype
 from finetune.recipe import Recipe
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -26,14 +25,8 @@ class Runtime:
     problems: tuple[str, ...] = ()  # device/precision choices this machine cannot run; see finetune.checks
 
     @property
-    def dtype_name(self) -> str:
-        return TORCH_DTYPES[self.precision]
-
-    @property
     def torch_dtype(self):
-        import torch
-
-        return getattr(torch, self.dtype_name)
+        return torch_dtype(self.precision)
 
     @property
     def is_main(self) -> bool:

@@ -302,13 +302,13 @@ def test_zero3_with_4bit_needs_storage_dtype_equal_to_compute_dtype():
     qlora = recipe(adapter="qlora", quantization={"bits": 4}, train={"precision": "bf16"})
     assert deepspeed_problems(qlora, zero3(), has_cuda=True) == [
         "quantization.storage_dtype: uint8 with ZeRO-3: to partition a 4-bit model, ZeRO-3 (like FSDP) needs the packed "
-        "weights stored in the dtype of the model's other weights (bfloat16). Set quantization.storage_dtype: bfloat16 "
+        "weights stored in the dtype of the model's other weights (bf16). Set quantization.storage_dtype: bf16 "
         "(equal to the compute dtype: quantization.compute_dtype, or train.precision when that is auto)."
     ]
-    fixed = recipe(adapter="qlora", quantization={"bits": 4, "storage_dtype": "bfloat16"}, train={"precision": "bf16"})
+    fixed = recipe(adapter="qlora", quantization={"bits": 4, "storage_dtype": "bf16"}, train={"precision": "bf16"})
     assert deepspeed_problems(fixed, zero3(), has_cuda=True) == []
     on_cpu = recipe(adapter="qlora", quantization={"bits": 4, "storage_dtype": "bfloat16"})  # auto precision: fp32 on CPU
-    assert "Set quantization.storage_dtype: float32" in deepspeed_problems(on_cpu, zero3(), has_cuda=False)[0]
+    assert "Set quantization.storage_dtype: fp32" in deepspeed_problems(on_cpu, zero3(), has_cuda=False)[0]
     # ZeRO-2 does not partition weights: no constraint.
     assert deepspeed_problems(qlora, load_deepspeed_config("zero2"), has_cuda=True) == []
 

@@ -17,6 +17,8 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from finetune.commands import merge
+from finetune.dtypes import torch_dtype
+from finetune.recipe import description
 from finetune.merge import lora as merge_lora
 from finetune.merge import streaming as merge_streaming
 from finetune.errors import FinetuneError
@@ -148,7 +150,7 @@ def test_streaming_gives_the_same_tensors_as_merge_and_unload(kind, dtype, tiny_
     adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter", **ADAPTERS[kind])
     merge_adapter(adapter, tmp_path / "merged", dtype=dtype, verify=False)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), adapter)
-    expected = model.merge_and_unload().to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype])).state_dict()
+    expected = model.merge_and_unload().to(torch_dtype(dtype)).state_dict()
 
     ours = tensors(tmp_path / "merged")
     assert sorted(ours) == sorted(expected)
@@ -214,14 +216,14 @@ def test_qlora_adapter_merges_into_full_precision_base(llama64, tmp_path):
         "quantization": {"bits": 4},
         "data": {"train": "train.jsonl"},
         "output": {"dir": str(run_dir)},
-        "merge": {"dtype": "float32"},
+        "merge": {"dtype": "float32"},  # torch's spelling is read as fp32
     }
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     b = {k: v for k, v in tensors_of_adapter(run_dir).items() if "lora_B" in k}
     assert all(float(t.abs().max()) > 0 for t in b.values())  # trained: B moved off its zero init
 
     report = merge_adapter(run_dir, tmp_path / "merged")
-    assert report.trained_on_quantized_base == 4 and report.dtype == "float32"
+    assert report.trained_on_quantized_base == 4 and report.dtype == "fp32"
     config = json.loads((tmp_path / "merged/config.json").read_text())
     assert "quantization_config" not in config
     merged = tensors(tmp_path / "merged")
@@ -314,12 +316,12 @@ def test_low_precision_verification_uses_the_rounded_base(tiny_llama_dir, lora_a
         v = report.verification
         assert v["passed"] and v["max_abs_logit_diff"] < v["tolerance"]
         assert v["tolerance"] == pytest.approx(min(rel * max(1, v["max_abs_logit"]), 0.5 * v["adapter_effect"]))
-        assert {t.dtype for t in tensors(tmp_path / dtype).values()} == {getattr(torch, report.dtype)}
+        assert {t.dtype for t in tensors(tmp_path / dtype).values()} == {torch_dtype(report.dtype)}
 
         # The reported share of the update lost to rounding, recomputed from PEFT's own delta.
         worst = report.update_lost_to_rounding["module"]
         layer = peft_model.base_model.model.get_submodule(worst)
-        w, delta, low = layer.base_layer.weight, layer.get_delta_weight("default"), getattr(torch, report.dtype)
+        w, delta, low = layer.base_layer.weight, layer.get_delta_weight("default"), torch_dtype(report.dtype)
         kept = (w + delta).to(low).float() - w.to(low).float()
         lost[dtype] = float((kept - delta).norm() / delta.norm())
         assert report.update_lost_to_rounding["max"] == pytest.approx(lost[dtype], abs=1e-4)
@@ -364,7 +366,7 @@ def test_tolerances_on_a_real_model(tmp_path):
         assert v["max_abs_logit_diff"] < v["tolerance"] / 1.5, dtype
     assert diffs["fp32"] < 1e-3 < diffs["fp16"] < diffs["bf16"] < 1
     small = scaled_lora(base, tmp_path / "tenth-percent", 0.001)
-    with pytest.raises(FinetuneError, match=r"0\.5 x the adapter's effect on the logits .* for bfloat16"):
+    with pytest.raises(FinetuneError, match=r"0\.5 x the adapter's effect on the logits .* for bf16"):
         merge_adapter(small, tmp_path / "bf16-small", dtype="bf16")
     assert merge_adapter(small, tmp_path / "fp16-small", dtype="fp16").verification["passed"]
 
@@ -549,7 +551,7 @@ def test_failed_verification_leaves_nothing(lora_adapter, tmp_path):
     assert re.fullmatch(
         r"verification failed: the merged model's logits differ from base \+ adapter by up to [0-9.e-]+, over the "
         r"tolerance 1e-09 \(given \(--tolerance / merge.tolerance\)\)\. Nothing was written to .*/out\. Rounding W \+ "
-        r"delta to bfloat16 erases .*",
+        r"delta to bf16 erases .*",
         message,
     )
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -644,6 +646,15 @@ def test_cli_arguments_and_run(lora_adapter, tmp_path, capsys):
     assert merge.run(args) == 0
     printed = capsys.readouterr().out
     assert f"-> {tmp_path / 'out'}" in printed and "verified: max |logit diff|" in printed
-    assert json.loads((tmp_path / "out/merge_report.json").read_text())["dtype"] == "float32"
+    assert json.loads((tmp_path / "out/merge_report.json").read_text())["dtype"] == "fp32"
     with pytest.raises(SystemExit):
         parser.parse_args([str(lora_adapter), "--out", "x", "--dtype", "int8"])
+    assert parser.parse_args([str(lora_adapter), "--out", "x", "--dtype", "bfloat16"]).dtype == "bf16"
+
+
+def test_flags_that_mirror_recipe_keys_take_their_help_from_the_schema():
+    parser = argparse.ArgumentParser(prog="finetune merge")
+    merge.add_arguments(parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    for dest, key in (("dtype", "merge.dtype"), ("no_verify", "merge.verify"), ("tolerance", "merge.tolerance")):
+        assert description(key) in helps[dest] and f"`{key}`" in helps[dest], dest

@@ -142,9 +142,9 @@ BASE = {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "output": 
             "cannot be trained or saved. Add the head's name (`classifier` for BERT-style, `score` for Llama-style).",
         ),
         (
-            {"quantization": {"bits": 4, "compute_dtype": "float16"}, "train": {"device": "cpu"}},
-            "quantization.compute_dtype: float16 on CPU: bitsandbytes' CPU kernels compute in float32 or "
-            "bfloat16, and fp16 training is GPU-only. Use quantization.compute_dtype: auto (float32 here) or bfloat16.",
+            {"quantization": {"bits": 4, "compute_dtype": "float16"}, "train": {"device": "cpu"}},  # torch's spelling
+            "quantization.compute_dtype: fp16 on CPU: bitsandbytes' CPU kernels compute in fp32 or bf16, and fp16 "
+            "training is GPU-only. Use quantization.compute_dtype: auto (fp32 here) or bf16.",
         ),
     ],
 )

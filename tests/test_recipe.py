@@ -66,6 +66,22 @@ def test_shorthands():
     assert recipe.train.report_to == ["tensorboard"]
 
 
+def test_one_dtype_spelling_in_every_section_with_torch_names_as_aliases(tmp_path):
+    keys = ["model.dtype", "quantization.compute_dtype", "quantization.storage_dtype", "train.precision", "merge.dtype"]
+    path = write_recipe(tmp_path, MINIMAL)
+    for torch_name, short in (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")):
+        recipe = load_recipe(path, [f"{key}={torch_name}" for key in keys])
+        values = [recipe.model.dtype, recipe.quantization.compute_dtype, recipe.quantization.storage_dtype,
+                  recipe.train.precision, recipe.merge.dtype]
+        assert values == [short] * len(keys), torch_name
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, ["train.precision=f16", "merge.dtype=int8"])
+    assert err.value.problems == [
+        "train.precision: 'f16' is not allowed; choose one of: auto, fp32, bf16, fp16. Did you mean 'fp16'?",
+        "merge.dtype: 'int8' is not allowed; choose one of: fp32, bf16, fp16.",
+    ]
+
+
 def test_typo_gives_did_you_mean(tmp_path):
     path = write_recipe(tmp_path, {**MINIMAL, "train": {"learnig_rate": 1e-4}})
     result = cli("validate", str(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from finetune.commands.common import recipe_key_help
 from finetune.errors import FinetuneError
 
 HELP = "Answer prompts with a finished SFT run's adapter (or its base, with --base)."
@@ -13,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="The run's output.dir.")
     parser.add_argument("--prompt", action="append", help="A user message; repeat for several. Default: the recipe's eval.prompts.")
     parser.add_argument("--base", action="store_true", help="Use the base model without the adapter (the 'before').")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, help=recipe_key_help("eval.max_new_tokens"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = args.prompt or recipe.eval.prompts
     if not prompts:
         raise FinetuneError("give at least one --prompt (the run's recipe has no eval.prompts).")
-    for sample in generate_answers(model, tokenizer, prompts, args.max_new_tokens, system_prompt=recipe.data.system_prompt):
+    for sample in generate_answers(model, tokenizer, prompts, args.max_new_tokens or recipe.eval.max_new_tokens, system_prompt=recipe.data.system_prompt):
         print(f"Q: {sample['prompt']}\nA: {sample['answer']}\n")
     return 0
 

@@ -31,6 +31,14 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def recipe_key_help(key: str, lead: str = "") -> str:
+    """Help for a flag that mirrors a recipe key: the key's own description from the schema, so the two never
+    drift, and the key the flag overrides."""
+    from finetune.recipe import description
+
+    return f"{lead}{description(key)} (Overrides the recipe's `{key}`.)"
+
+
 class _DropMessages(logging.Filter):
     """Drops import-time notices that say nothing actionable on a CPU run."""
 

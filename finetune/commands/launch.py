@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from finetune.commands.common import recipe_key_help
 from finetune.distributed.launch import DEFAULT_PORT, LAUNCHERS, build_plan, check_hosts, dry_run_text, run_local_nodes, run_node, slurm_script
 from finetune.errors import FinetuneError
 
@@ -33,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tune.add_argument(
         "--join-timeout", type=float, help="Seconds to wait for every node before failing (default: $FINETUNE_JOIN_TIMEOUT or 300)."
     )
-    tune.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="Device of the nodes (default: the recipe's train.device, else this machine's).")
+    tune.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help=recipe_key_help("train.device", lead="Device of the nodes. ")
+    )
     tune.add_argument("--script", help=argparse.SUPPRESS)  # another training script with the same plumbing (tests use it)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from finetune.commands.common import recipe_key_help
+from finetune.dtypes import NAMES, canonical
 from finetune.merge.merging import merge_adapter
-from finetune.merge.plan import DTYPES
 
 HELP = "Merge an adapter into its full-precision base, verify it, and save a plain model."
 
@@ -16,14 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base", help="Base model folder or hub id. Default: the adapter's base_model_name_or_path, else the recipe's model."
     )
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="Dtype of the merged weights. Default: merge.dtype, else the base's dtype."
-    )
+    parser.add_argument("--dtype", type=canonical, choices=NAMES, help=recipe_key_help("merge.dtype"))
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out folder.")
-    parser.add_argument("--no-verify", action="store_true", help="Skip comparing merged and adapter logits.")
     parser.add_argument(
-        "--tolerance", type=float, help="Max absolute logit difference accepted. Default: relative to the logit scale, per dtype."
+        "--no-verify", action="store_true", help=recipe_key_help("merge.verify", lead="Turn off merge.verify: ")
     )
+    parser.add_argument("--tolerance", type=float, help=recipe_key_help("merge.tolerance"))
     parser.add_argument(
         "--quantize",
         type=int,

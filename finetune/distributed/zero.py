@@ -16,7 +16,6 @@ from pathlib import Path
 
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
-from finetune.runtime import TORCH_DTYPES
 
 CONFIG_FOLDER = "deepspeed_configs"
 
@@ -119,11 +118,11 @@ def _precision(recipe: Recipe, has_cuda: bool) -> str | None:
 
 
 def _compute_dtype(recipe: Recipe, has_cuda: bool) -> str | None:
-    """The dtype 4-bit matmuls will run in, or None where it depends on the GPU (bf16 or fp16)."""
+    """The dtype 4-bit matmuls will run in (`fp32`/`bf16`/`fp16`), or None where it depends on the GPU."""
     if recipe.quantization.compute_dtype != "auto":
         return recipe.quantization.compute_dtype
     precision = _precision(recipe, has_cuda)
-    return None if precision is None else TORCH_DTYPES[precision]
+    return precision
 
 
 def deepspeed_problems(recipe: Recipe, config: dict, has_cuda: bool) -> list[str]:
@@ -139,11 +138,11 @@ def deepspeed_problems(recipe: Recipe, config: dict, has_cuda: bool) -> list[str
     if stage == 3 and q.bits == 4:
         compute = _compute_dtype(recipe, has_cuda)
         if q.storage_dtype == "uint8" or (compute is not None and q.storage_dtype != compute):
-            want = compute or "bfloat16 (or float16 on GPUs without bf16)"
+            want = compute or "bf16, or fp16 on GPUs without bf16"
             problems.append(
                 f"quantization.storage_dtype: {q.storage_dtype} with ZeRO-3: to partition a 4-bit model, ZeRO-3 (like FSDP) "
                 f"needs the packed weights stored in the dtype of the model's other weights ({want}). "
-                f"Set quantization.storage_dtype: {compute or 'bfloat16'} (equal to the compute dtype: "
+                f"Set quantization.storage_dtype: {compute or 'bf16'} (equal to the compute dtype: "
                 "quantization.compute_dtype, or train.precision when that is auto)."
             )
 

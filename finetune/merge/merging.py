@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from finetune.dtypes import name_of
 from finetune.errors import FinetuneError
 from finetune.merge.plan import TASK_CLASSES, MergeInputs, MergePlan, check_output, plan_merge, resolve_inputs
 
@@ -201,7 +202,7 @@ def _verify(plan: MergePlan, tmp: Path, ids, tolerance: float | None, out: Path)
     )
     log.info("Verification: max |logit diff| %.3g (tolerance %.3g).", verification.max_abs_logit_diff, verification.tolerance)
     if not verification.passed:
-        hint = ROUNDING_HINT.format(dtype=_name(plan.dtype)) if plan.dtype != torch.float32 else ""
+        hint = ROUNDING_HINT.format(dtype=name_of(plan.dtype)) if plan.dtype != torch.float32 else ""
         raise FinetuneError(
             f"verification failed: the merged model's logits differ from base + adapter by up to "
             f"{verification.max_abs_logit_diff:.4g}, over the tolerance {verification.tolerance:.4g} "
@@ -229,10 +230,6 @@ def _quantize(plan: MergePlan, tmp: Path, out: Path, bits: int, ids, merged_logi
     return qdir, quantization
 
 
-def _name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _report(plan: MergePlan, out: Path, written: _Written, verification, quantization, seconds: dict) -> MergeReport:
     i, recipe, streaming = plan.inputs, plan.inputs.recipe, plan.streaming
     return MergeReport(
@@ -247,7 +244,7 @@ def _report(plan: MergePlan, out: Path, written: _Written, verification, quantiz
         trained_on_quantized_base=recipe.quantization.bits if recipe is not None else None,
         method=plan.method,
         method_note=plan.method_note,
-        dtype=_name(plan.dtype),
+        dtype=name_of(plan.dtype),
         files=written.files,
         total_bytes=written.total_bytes,
         merged_modules=written.merged_modules,

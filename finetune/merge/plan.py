@@ -10,12 +10,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.dtypes import torch_dtype
 from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
 
 # torch and transformers are imported inside functions: `finetune --help` imports this module.
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TASK_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -177,10 +177,10 @@ def output_dtype(requested, inputs: MergeInputs, config):
     if requested is None and recipe is not None and recipe.merge.dtype:
         requested = recipe.merge.dtype
     if isinstance(requested, str):
-        name = DTYPES.get(requested, requested)
-        if name not in DTYPES.values():
-            raise FinetuneError(f"dtype {requested!r}: choose one of {', '.join(DTYPES)}.")
-        return getattr(torch, name)
+        try:
+            return torch_dtype(requested)
+        except ValueError as e:
+            raise FinetuneError(str(e)) from None
     if requested is not None:
         return requested
     if not has_safetensors(inputs.base_dir):

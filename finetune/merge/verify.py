@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.dtypes import name_of
 from finetune.errors import FinetuneError
 from finetune.merge.peft import load_base_with_adapter
 from finetune.models.loading import quiet_transformers
@@ -101,7 +102,7 @@ def load_merged(out_dir: Path, model_class, **kwargs):
 
 def default_tolerance(dtype: torch.dtype, max_abs_logit: float, adapter_effect: float) -> tuple[float, str]:
     rel = RELATIVE_TOLERANCE[dtype]
-    name = str(dtype).removeprefix("torch.")
+    name = name_of(dtype)
     tolerance, rule = rel * max(1.0, max_abs_logit), f"{rel:g} x max(1, max |reference logit|) for {name}"
     if dtype != torch.float32 and adapter_effect > 0 and ADAPTER_EFFECT_SHARE * adapter_effect < tolerance:
         tolerance = ADAPTER_EFFECT_SHARE * adapter_effect

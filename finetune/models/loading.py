@@ -8,6 +8,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from finetune.dtypes import torch_dtype
 from finetune.errors import FinetuneError
 from finetune.models.gguf import convert_gguf
 from finetune.models.quantization import build_bnb_config, compute_dtype_name
@@ -76,10 +77,8 @@ class _OnceFilter(logging.Filter):
 
 def load_model(recipe: Recipe, runtime: Runtime, path: str, auto_class, **kwargs):
     """Load the base model in the runtime's dtype, quantized when the recipe asks."""
-    import torch
-
     bnb = build_bnb_config(recipe, runtime)
-    dtype_name = recipe.model.dtype if recipe.model.dtype != "auto" else runtime.dtype_name
+    dtype_name = recipe.model.dtype if recipe.model.dtype != "auto" else runtime.precision
     if bnb is not None:
         # Non-quantized modules (norms, head) stay in the compute dtype; bitsandbytes owns the linear weights.
         dtype_name = compute_dtype_name(recipe, runtime)
@@ -91,7 +90,7 @@ def load_model(recipe: Recipe, runtime: Runtime, path: str, auto_class, **kwargs
     try:
         model = auto_class.from_pretrained(
             path,
-            dtype=getattr(torch, dtype_name),
+            dtype=torch_dtype(dtype_name),
             quantization_config=bnb,
             revision=recipe.model.revision,
             trust_remote_code=recipe.model.trust_remote_code,

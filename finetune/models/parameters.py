@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from finetune.runtime import TORCH_DTYPES
+from finetune.dtypes import ITEMSIZE, canonical
 
 
 @dataclass
@@ -61,4 +61,4 @@ def _state_tensors(state):
 
 
 def dtype_bytes(name: str) -> int:
-    return {"float32": 4, "bfloat16": 2, "float16": 2}[TORCH_DTYPES.get(name, name)]
+    return ITEMSIZE[canonical(name)]

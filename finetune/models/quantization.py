@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from finetune.dtypes import torch_dtype
 from finetune.recipe import Recipe
 from finetune.runtime import Runtime
 
@@ -10,8 +11,9 @@ CLASSIFIER_HEADS = ("classifier", "score")
 
 
 def compute_dtype_name(recipe: Recipe, runtime: Runtime) -> str:
+    """`fp32`, `bf16` or `fp16`: the recipe's quantization.compute_dtype, or the run's precision when that is auto."""
     name = recipe.quantization.compute_dtype
-    return runtime.dtype_name if name == "auto" else name
+    return runtime.precision if name == "auto" else name
 
 
 def build_bnb_config(recipe: Recipe, runtime: Runtime):
@@ -31,8 +33,8 @@ def build_bnb_config(recipe: Recipe, runtime: Runtime):
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, compute_dtype_name(recipe, runtime)),
-        bnb_4bit_quant_storage=getattr(torch, q.storage_dtype),
+        bnb_4bit_compute_dtype=torch_dtype(compute_dtype_name(recipe, runtime)),
+        bnb_4bit_quant_storage=torch.uint8 if q.storage_dtype == "uint8" else torch_dtype(q.storage_dtype),
         llm_int8_skip_modules=skip,
     )
 

@@ -6,7 +6,7 @@ recipe reference are generated from these descriptions. Unknown keys are errors 
 """
 
 from finetune.recipe.loading import apply_overrides, format_errors, load_recipe, recipe_to_dict, save_recipe, validate_recipe
-from finetune.recipe.reference import explain, reference_markdown
+from finetune.recipe.reference import description, explain, reference_markdown
 from finetune.recipe.schema import (
     AdapterConfig,
     ClassificationConfig,
@@ -27,6 +27,6 @@ from finetune.recipe.schema import (
 __all__ = [
     "AdapterConfig", "ClassificationConfig", "DataConfig", "DataSource", "Dtype", "EvalConfig", "MergeConfig",
     "ModelConfig", "OutputConfig", "QuantizationConfig", "Recipe", "Section", "TrainConfig", "apply_overrides",
-    "combination_problems", "explain", "format_errors", "load_recipe", "recipe_to_dict", "reference_markdown",
+    "combination_problems", "description", "explain", "format_errors", "load_recipe", "recipe_to_dict", "reference_markdown",
     "save_recipe", "validate_recipe",
 ]

@@ -67,6 +67,15 @@ def reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def description(key: str) -> str:
+    """The schema's description of a dotted recipe key, e.g. `merge.dtype` (CLI flags that mirror a key use it)."""
+    *parents, name = key.split(".")
+    model = _model_at(tuple(parents))
+    if model is None or name not in model.model_fields:
+        raise KeyError(key)
+    return model.model_fields[name].description
+
+
 def explain(path: str | None = None) -> str:
     """Plain-text help for the whole recipe, a section (`train`) or a key (`train.learning_rate`)."""
     if not path:

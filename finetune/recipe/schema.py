@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from finetune.dtypes import canonical
 from finetune.tasks.registry import TASKS
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+# One spelling for dtypes in every section (finetune/dtypes.py); `float32`, `bfloat16`, `float16` are read as aliases.
+Dtype = Annotated[Literal["auto", "fp32", "bf16", "fp16"], BeforeValidator(canonical)]
+StorageDtype = Annotated[Literal["uint8", "fp32", "bf16", "fp16"], BeforeValidator(canonical)]
+MergeDtype = Annotated[Literal["fp32", "bf16", "fp16"] | None, BeforeValidator(canonical)]
 
 
 class Section(BaseModel):
@@ -32,7 +36,8 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when loading from the hub.")
     dtype: Dtype = Field(
         "auto",
-        description="Dtype the weights are loaded in. `auto` follows `train.precision` (fp32 on CPUs without fast bf16).",
+        description="Dtype the weights are loaded in. `auto` follows `train.precision` (fp32 on CPUs without fast bf16). "
+        "Every dtype key also reads torch's names (`float32`, `bfloat16`, `float16`).",
     )
     chat_template: str | None = Field(
         None,
@@ -96,7 +101,7 @@ class QuantizationConfig(Section):
     compute_dtype: Dtype = Field(
         "auto", description="Dtype of the matmuls on dequantized 4-bit weights. `auto` follows `train.precision`."
     )
-    storage_dtype: Literal["uint8", "float32", "bfloat16", "float16"] = Field(
+    storage_dtype: StorageDtype = Field(
         "uint8",
         description="4-bit: dtype the packed weights are stored in. ZeRO-3 needs it equal to the compute dtype "
         "so DeepSpeed can partition them.",
@@ -202,7 +207,7 @@ class TrainConfig(Section):
         description="`adamw_torch`; bitsandbytes `adamw_8bit`, `paged_adamw_8bit`, `paged_adamw_32bit` "
         "(paged falls back to unpaged on CPU); `adafactor`; `sgd`.",
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Dtype = Field(
         "auto", description="`auto`: bf16 on GPUs that support it, fp32 on CPU (bf16 is slower on CPUs without AVX512-bf16)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
@@ -259,11 +264,14 @@ class EvalConfig(Section):
 class MergeConfig(Section):
     """Defaults for `finetune merge`."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="Dtype of the merged weights; default: the base checkpoint's dtype."
-    )
+    dtype: MergeDtype = Field(None, description="Dtype of the merged weights; default: the base checkpoint's dtype.")
     verify: bool = Field(True, description="Compare merged and adapter logits after merging; fail when they differ.")
-    tolerance: float | None = Field(None, gt=0, description="Max absolute logit difference accepted; default depends on dtype.")
+    tolerance: float | None = Field(
+        None,
+        gt=0,
+        description="Largest max |logit difference| accepted between the merged model and base + adapter; "
+        "default: relative to the logit scale, per dtype.",
+    )
 
 
 class Recipe(Section):
