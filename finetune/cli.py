@@ -12,7 +12,7 @@ import sys
 
 from finetune.commands.common import guarded, setup_logging
 
-COMMANDS = ("train", "validate", "explain", "chat", "predict", "merge", "launch")
+COMMANDS = ("train", "validate", "explain", "chat", "predict", "eval", "merge", "launch")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from finetune.checks import check_output_dir, check_recipe, recipe_warnings
 from finetune.distributed.guards import check_world_size, join_process_group
+from finetune.evaluation.side_by_side import check_eval_settings
 from finetune.models.adapters import attach_adapter
 from finetune.models.loading import load_base, load_model
 from finetune.models.parameters import count_parameters, dtype_bytes
@@ -33,6 +34,7 @@ def prepare_run(recipe: Recipe) -> tuple[Runtime, Path]:
     runtime = resolve_runtime(recipe)
     apply_threads(runtime)
     check_recipe(recipe, runtime)
+    check_eval_settings(recipe)  # eval.after_training must not fail after hours of training
     if runtime.is_main:
         for warning in recipe_warnings(recipe, runtime):
             log.warning("%s", warning)

@@ -174,7 +174,7 @@ def test_predict_help_exits_zero():
 
 
 def test_predict_needs_a_run_folder(tmp_path):
-    from finetune.commands.predict import run_folder
+    from finetune.evaluation.classifier import run_folder
 
     with pytest.raises(FinetuneError, match=r"not a finished classification run \(no labels\.json / recipe\.yaml\)"):
         run_folder(tmp_path)
@@ -262,7 +262,7 @@ def test_class_weights_learn_the_rare_class(bert_dir, tmp_path, caplog):
 
 def test_qlora_classifier_keeps_head_full_precision(llama64, tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
-    from finetune.commands.predict import load_classifier, predict_logits
+    from finetune.evaluation.classifier import load_classifier, predict_logits
     from finetune.runner import run
 
     recipe = validate_recipe(

@@ -16,7 +16,7 @@ LAYERS = [
     ["finetune.runtime"],
     ["finetune.models", "finetune.data", "finetune.metrics", "finetune.distributed.guards", "finetune.distributed.zero"],
     ["finetune.checks", "finetune.training", "finetune.merge"],
-    ["finetune.tasks", "finetune.distributed.launch"],
+    ["finetune.tasks", "finetune.evaluation", "finetune.distributed.launch"],
     ["finetune.runner"],
     ["finetune.commands", "finetune.cli", "finetune.run"],
 ]

@@ -35,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
         last = metrics.get("last_loss")
         if last is not None:
             log.info("loss %.4f -> %.4f", metrics.get("first_loss"), last)
+        if recipe.eval.after_training:
+            # After the process group is gone: the other ranks have exited, none waits on this at a barrier.
+            from finetune.evaluation.side_by_side import evaluate_run
+
+            _, out = evaluate_run(recipe.output.dir)
+            print((out / "report.md").read_text(), flush=True)
     return 0
 
 

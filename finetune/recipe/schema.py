@@ -248,7 +248,7 @@ class OutputConfig(Section):
 
 
 class EvalConfig(Section):
-    """Evaluation after training."""
+    """Evaluation: during training (classification metrics), and `finetune eval` (base, adapter and merged side by side)."""
 
     metrics: list[str] = Field(
         default_factory=list,
@@ -258,7 +258,32 @@ class EvalConfig(Section):
     prompts: list[str] = Field(
         default_factory=list, description="SFT: questions answered by the model after training, written to `samples.json`."
     )
-    max_new_tokens: int = Field(64, gt=0, description="Tokens to generate for each of `prompts`.")
+    max_new_tokens: int = Field(
+        64, gt=0, description="Tokens to generate for each of `prompts`, and for each held-out answer in `finetune eval`."
+    )
+    after_training: bool = Field(
+        False, description="Run `finetune eval` on the output folder when training finishes (report in `output.dir/eval`)."
+    )
+    variants: list[Literal["base", "adapter", "merged"]] | None = Field(
+        None,
+        description="Models `finetune eval` compares. Default: every one this run has (`merged` is the folder given "
+        "with `--merged`, else an in-memory merge; a QLoRA run needs the folder).",
+    )
+    tasks: list[str] | None = Field(
+        None,
+        description="lm_eval tasks for `finetune eval` on causal LMs: the kit's shipped local tasks (default), "
+        "lm_eval built-in task names (need the hub), or `[]` for none.",
+    )
+    limit: int | None = Field(
+        None, gt=0, description="`finetune eval`: at most this many held-out rows, and documents per lm_eval task "
+        "(default: every held-out row, and each shipped task's own default).",
+    )
+    batch_size: int = Field(8, gt=0, description="`finetune eval`: rows per forward pass and per generation batch.")
+
+    @field_validator("variants", "tasks", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
 
 class MergeConfig(Section):

@@ -1,0 +1,1 @@
+"""Evaluation of a finished run: base, adapter and merged model side by side."""
