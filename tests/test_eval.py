@@ -121,6 +121,9 @@ def test_classification_run_reports_each_variant(tiny_bert_dir, tmp_path):
     base, adapter, merged = (evaluation.metrics[v] for v in ("base", "adapter", "merged"))
     assert adapter["accuracy"] > 0.9 and adapter["accuracy"] > base["accuracy"] + 0.3
     assert merged["accuracy"] == adapter["accuracy"] and "f1[cat]" in adapter and "f1_macro" in adapter
+    history = json.loads((tmp_path / "out" / "train_metrics.json").read_text())["log_history"]
+    before_training = next(h for h in history if "eval_accuracy" in h and h["step"] == 0)
+    assert base["accuracy"] == pytest.approx(before_training["eval_accuracy"])  # the same seeded head
     reports = json.loads((out / "report.json").read_text())["facts"]["reports"]
     assert len(reports["adapter"]["confusion_matrix"]) == 4 and reports["adapter"]["num_examples"] == 80
     with pytest.raises(FinetuneError, match=r"^--tasks kit_qa: lm_eval tasks score a causal LM"):
@@ -174,3 +177,62 @@ def test_cli_prints_the_report_and_runs_after_training(llama64, tmp_path, capsys
     report = json.loads((tmp_path / "out" / "eval" / "report.json").read_text())
     assert report["variants"] == ["base", "adapter"] and "held_out/loss" in report["metrics"]["adapter"]
     assert "| metric | base | fine-tuned | Δ fine-tuned − base |" in capsys.readouterr().out
+
+
+def test_a_shipped_lm_eval_task_gets_a_column_per_variant(sft_run, tmp_path):
+    evaluation, out = evaluate_run(
+        sft_run, EvalOptions(tasks=["kit_qa"], limit=2, variants=["base", "adapter"], out=str(tmp_path / "report"))
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["lm_eval"]["kit_qa"]) == {"base", "adapter"}
+    assert all(report["lm_eval"]["kit_qa"][v]["n"] == 2 for v in ("base", "adapter"))
+    for variant in ("base", "adapter"):
+        assert set(evaluation.metrics[variant]) >= {"kit_qa/exact_match", "kit_qa/token_f1", "held_out/loss"}
+        assert report["seconds"][variant]["kit_qa"] > 0
+    base_answers = [s["response"] for s in report["lm_eval"]["kit_qa"]["base"]["samples"]]
+    adapter_answers = [s["response"] for s in report["lm_eval"]["kit_qa"]["adapter"]["samples"]]
+    assert base_answers != adapter_answers  # the adapter was active in one and disabled in the other
+    assert "| kit_qa/exact_match |" in (out / "report.md").read_text()
+
+
+def test_unknown_task_names_the_near_match_before_any_model_load(sft_run, tmp_path):
+    with pytest.raises(FinetuneError) as err:
+        evaluate_run(sft_run, EvalOptions(tasks=["kit_mmlu_dve"], out=str(tmp_path / "report")))
+    assert str(err.value) == (
+        "unknown eval task 'kit_mmlu_dve'. Did you mean 'kit_mmlu_dev'? "
+        "Shipped tasks: kit_bbc_topics, kit_mmlu_dev, kit_qa."
+    )
+    assert not (tmp_path / "report").exists()
+
+
+def test_after_training_settings_are_checked_before_training(llama64, tmp_path):
+    from finetune.runner import run
+
+    recipe = validate_recipe(sft_recipe(llama64, tmp_path, data={"eval_fraction": 0.2},
+                                        eval={"after_training": True, "tasks": ["kit_q"]}))
+    with pytest.raises(FinetuneError, match=r"^unknown eval task 'kit_q'\. Did you mean 'kit_qa'\?"):
+        run(recipe)
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    no_held_out = validate_recipe(sft_recipe(llama64, tmp_path, eval={"after_training": True, "tasks": []}))
+    with pytest.raises(FinetuneError, match=r"^eval.after_training needs held-out rows"):
+        run(no_held_out)
+
+
+def test_a_change_within_two_standard_errors_is_called_noise():
+    from finetune.evaluation.report import _delta
+
+    assert _delta("kit_mmlu_dev/acc", -0.0175, set(), noise=0.09) == "-0.0175 (within 2 s.e.)"
+    assert _delta("kit_bbc_topics/acc", -0.2, set(), noise=0.07) == "-0.2 ✗"
+    assert _delta("held_out/loss", -5.0, {"held_out/loss"}) == "-5 ✓"  # lower is better, no standard error known
+
+
+def test_a_full_fine_tune_is_compared_with_its_base(llama64, tmp_path):
+    from finetune.runner import run
+
+    run(validate_recipe(sft_recipe(llama64, tmp_path, adapter="none", data={"eval_fraction": 0.2},
+                                   train={"epochs": 2, "learning_rate": 1e-3}, eval={"max_new_tokens": 4})))
+    evaluation, _ = evaluate_run(tmp_path / "out", NO_TASKS)
+    assert evaluation.variants == ["base", "adapter"]
+    assert evaluation.notes == ["merged left out: a full fine-tune has no adapter to merge: its `adapter` column is "
+                                "the fine-tuned model"]
+    assert evaluation.metrics["adapter"]["held_out/loss"] < evaluation.metrics["base"]["held_out/loss"]

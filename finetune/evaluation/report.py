@@ -92,6 +92,7 @@ def report_dict(evaluation) -> dict:
         "data": evaluation.data_name,
         "variants": evaluation.variants,
         "metrics": evaluation.metrics,
+        "stderr": evaluation.stderr,
         "deltas_vs_base": deltas(evaluation),
         "lower_is_better": sorted(evaluation.lower_is_better),
         "comparisons": evaluation.comparisons,
@@ -124,12 +125,19 @@ def _number(value) -> str:
     return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
-def _delta(metric: str, value, lower_is_better: set[str]) -> str:
+def _delta(metric: str, value, lower_is_better: set[str], noise: float | None = None) -> str:
+    """`+0.02 ✓` (better), `-0.2 ✗` (worse), or `±` when within two standard errors of no change."""
     if not _finite(value):
         return "—"
+    if noise is not None and abs(value) <= 2 * noise:
+        return f"{value:+.4g} (within 2 s.e.)"
     better = (value < 0) if metric in lower_is_better else (value > 0)
     mark = "" if value == 0 else (" ✓" if better else " ✗")
     return f"{value:+.4g}{mark}"
+
+
+def _with_stderr(value, stderr) -> str:
+    return _number(value) + (f" ± {stderr:.2g}" if _finite(stderr) and stderr > 0 else "")
 
 
 def report_markdown(evaluation, payload: dict) -> str:
@@ -152,9 +160,12 @@ def report_markdown(evaluation, payload: dict) -> str:
     delta = payload["deltas_vs_base"].get("adapter", {})
     for metric in metric_names:
         shown = metric + (" (lower is better)" if metric in evaluation.lower_is_better else "")
-        cells = [_number(evaluation.metrics.get(n, {}).get(metric)) for n in names]
+        errors = {n: evaluation.stderr.get(n, {}).get(metric) for n in names}
+        cells = [_with_stderr(evaluation.metrics.get(n, {}).get(metric), errors[n]) for n in names]
         if len(header) > len(cells) + 1:
-            cells.append(_delta(metric, delta.get(metric), evaluation.lower_is_better))
+            known = [errors.get(n) for n in ("base", "adapter") if _finite(errors.get(n))]
+            noise = math.hypot(*known) if len(known) == 2 else None
+            cells.append(_delta(metric, delta.get(metric), evaluation.lower_is_better, noise))
         lines.append(f"| {shown} | " + " | ".join(cells) + " |")
     lines.append("")
     comparisons = evaluation.comparisons
@@ -165,9 +176,12 @@ def report_markdown(evaluation, payload: dict) -> str:
         )
     if "adapter_vs_base_max_abs_logit_diff" in comparisons:
         lines.append(f"Largest |logit difference| adapter vs base: {comparisons['adapter_vs_base_max_abs_logit_diff']:.3g}.")
+    if evaluation.stderr:
+        lines.append("± is the standard error over an lm_eval task's documents; a change within two of them is noise.")
     lines.append("")
-    lines += [f"- {note}" for note in evaluation.notes]
-    lines += ["", "Time per part (s): " + "; ".join(
+    if evaluation.notes:
+        lines += [f"- {note}" for note in evaluation.notes] + [""]
+    lines += ["Time per part (s): " + "; ".join(
         f"{n}: " + ", ".join(f"{part} {s:.1f}" for part, s in evaluation.seconds.get(n, {}).items()) for n in names
     ), ""]
     generated = [p for p in evaluation.predictions if "reference" in p][:SHOWN_GENERATIONS]

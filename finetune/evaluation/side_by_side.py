@@ -44,6 +44,7 @@ class Evaluation:
     variants: list[str]
     data_name: str
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> metric -> value
+    stderr: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> metric -> standard error, if known
     lower_is_better: set[str] = field(default_factory=set)
     predictions: list[dict] = field(default_factory=list)
     tasks: dict = field(default_factory=dict)  # lm_eval task -> variant -> result
@@ -239,6 +240,8 @@ def _run_tasks(evaluation, name, model, tokenizer, tasks, options: dict) -> None
         evaluation.seconds.setdefault(name, {})[task] = round(result.get("seconds", 0.0), 2)
         for metric, value in result["metrics"].items():
             evaluation.metrics.setdefault(name, {})[f"{task}/{metric}"] = value
+        for metric, value in (result.get("stderr") or {}).items():
+            evaluation.stderr.setdefault(name, {})[f"{task}/{metric}"] = value
 
 
 def _evaluate_classifier(evaluation, variants, rows, batch_size) -> None:
@@ -254,8 +257,8 @@ def _evaluate_classifier(evaluation, variants, rows, batch_size) -> None:
     evaluation.facts["reports"] = reports
     if "base" in reports:
         evaluation.notes.append(
-            "base: the pretrained model with the classification head the run started from (randomly initialised "
-            "unless the checkpoint had one), so its scores are near chance: the head is part of what training learns."
+            "base: the pretrained model with the new classification head as training initialised it (same seed), so "
+            "its scores are chance level and equal the evaluation before training's first step."
         )
     for i, row in enumerate(rows):
         evaluation.predictions.append({

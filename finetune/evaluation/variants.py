@@ -130,6 +130,10 @@ def _classification(source: EvalSource, runtime) -> Variants:
             f"{source.merged_dir}: the classification run this merged model came from was not found; "
             "give the run folder (with --merged for the merged model)."
         )
+    from transformers import set_seed
+
+    # The new head is initialised from the seed, as training initialised it: `base` is the model training started from.
+    set_seed(source.recipe.train.seed)
     classifier = load_classifier(source.run_dir)
     variants = Variants(classifier.model, classifier.tokenizer, [], extra={
         "classifier": classifier, "model_kwargs": classifier.labels.config_kwargs(),
