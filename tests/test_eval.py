@@ -236,3 +236,16 @@ def test_a_full_fine_tune_is_compared_with_its_base(llama64, tmp_path):
     assert evaluation.notes == ["merged left out: a full fine-tune has no adapter to merge: its `adapter` column is "
                                 "the fine-tuned model"]
     assert evaluation.metrics["adapter"]["held_out/loss"] < evaluation.metrics["base"]["held_out/loss"]
+
+
+def test_qlora_run_is_evaluated_on_its_4bit_base_without_an_in_memory_merge(llama64, tmp_path):
+    from finetune.runner import run
+
+    result = run(validate_recipe(sft_recipe(llama64, tmp_path, adapter={"type": "qlora", "r": 4},
+                                            data={"eval_fraction": 0.2}, train={"epochs": 2}, eval={"max_new_tokens": 4})))
+    evaluation, _ = evaluate_run(tmp_path / "out", NO_TASKS)
+    assert evaluation.variants == ["base", "adapter"]
+    assert evaluation.notes[0].startswith("merged left out: the run trained on a 4-bit base")
+    # The adapter variant is the model training evaluated: the same held-out loss as the Trainer's final one.
+    # (The Trainer's eval_loss is a mean over batches of per-batch token means; one batch here, so they agree.)
+    assert evaluation.metrics["adapter"]["held_out/loss"] == pytest.approx(result.metrics["eval"]["eval_loss"], rel=1e-4)
