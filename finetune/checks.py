@@ -6,7 +6,6 @@ and report every problem at once."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 from finetune.errors import FinetuneError, RecipeError
 from finetune.recipe import Recipe
@@ -16,7 +15,8 @@ from finetune.runtime import Runtime
 def recipe_problems(recipe: Recipe, runtime: Runtime, data: bool = True) -> list[str]:
     """Everything wrong with running `recipe` on `runtime`'s machine, each naming its keys and the fix.
 
-    `data=False` leaves out the data sources (`finetune launch` may start nodes whose data is not on this machine).
+    `data=False` leaves out the data sources and the model folder (`finetune launch` may start nodes whose files are
+    not on this machine).
     """
     problems = list(runtime.problems)
     problems += _package_problems(recipe)
@@ -24,6 +24,7 @@ def recipe_problems(recipe: Recipe, runtime: Runtime, data: bool = True) -> list
     if recipe.deepspeed:
         problems += _deepspeed_problems(recipe, runtime)
     if data:
+        problems += _model_problems(recipe)
         problems += _data_source_problems(recipe)
     return problems
 
@@ -83,6 +84,15 @@ def _deepspeed_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
     return deepspeed_problems(recipe, config, has_cuda=runtime.device == "cuda")
 
 
+def _model_problems(recipe: Recipe) -> list[str]:
+    """A local model folder that is not a model (no config.json, no weights, pickled weights only); hub ids are
+    checked when loaded."""
+    from finetune.models.checkpoint import model_problem
+
+    problem = model_problem(recipe.model)
+    return [problem] if problem else []
+
+
 def _data_source_problems(recipe: Recipe) -> list[str]:
     """Local files and folders (and `package://` paths) that are not there; hub names are checked when loaded."""
     from finetune.data.rows import is_local, missing_source
@@ -94,14 +104,3 @@ def _data_source_problems(recipe: Recipe) -> list[str]:
         if problem:
             problems.append(f"{key}: {problem}")
     return problems
-
-
-def check_output_dir(recipe: Recipe) -> Path:
-    out = Path(recipe.output.dir)
-    if out.exists() and not out.is_dir():
-        raise FinetuneError(f"output.dir: {out} exists and is not a folder.")
-    if out.is_dir() and any(out.iterdir()) and not recipe.output.overwrite:
-        raise FinetuneError(
-            f"output.dir: {out} is not empty. Choose another folder, or set output.overwrite=true to write into it."
-        )
-    return out

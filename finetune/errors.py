@@ -27,3 +27,9 @@ class DataError(FinetuneError):
     """A data file or row that cannot be used."""
 
     exit_code = 3
+
+
+class RunInterrupted(FinetuneError):
+    """Ctrl-C or SIGTERM stopped training at a step boundary; a checkpoint to resume from was saved."""
+
+    exit_code = 130

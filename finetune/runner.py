@@ -10,8 +10,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.checks import check_output_dir, check_recipe, recipe_warnings
+from finetune.checks import check_recipe, recipe_warnings
 from finetune.distributed.guards import check_world_size, join_process_group
+from finetune.errors import RunInterrupted
 from finetune.evaluation.side_by_side import check_eval_settings
 from finetune.models.adapters import attach_adapter
 from finetune.models.loading import load_base, load_model
@@ -21,14 +22,31 @@ from finetune.runtime import Runtime, apply_threads, resolve_runtime
 from finetune.tasks.registry import load_task
 from finetune.training.arguments import training_arguments
 from finetune.training.callbacks import run_callbacks
+from finetune.training.checkpoints import ResumePoint, claim_output_dir
+from finetune.training.interrupts import GracefulStop
 from finetune.training.outputs import final_evaluation, save_run_files
 from finetune.training.plan import make_plan
 
 log = logging.getLogger("finetune")
 
 
-def prepare_run(recipe: Recipe) -> tuple[Runtime, Path]:
-    """Decide device/precision/threads, check everything that needs no model, set seeds, join the other processes."""
+@dataclass
+class Start:
+    """Where the run writes and starts: its folder (locked by the main process) and the checkpoint it resumes."""
+
+    runtime: Runtime
+    out: Path
+    point: ResumePoint
+    lock: object  # finetune.training.lock.RunLock on the main process, else None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def prepare_run(recipe: Recipe) -> Start:
+    """Decide device/precision/threads, check everything that needs no model, set seeds, join the other processes,
+    then lock `output.dir` and decide (on the main process, for all) whether the run starts fresh or resumes."""
     from transformers import set_seed
 
     runtime = resolve_runtime(recipe)
@@ -38,13 +56,15 @@ def prepare_run(recipe: Recipe) -> tuple[Runtime, Path]:
     if runtime.is_main:
         for warning in recipe_warnings(recipe, runtime):
             log.warning("%s", warning)
-    out = check_output_dir(recipe)
     set_seed(recipe.train.seed)
     # A missing rank fails after FINETUNE_JOIN_TIMEOUT instead of DeepSpeed's 30-minute default; a world smaller
     # than `finetune launch` asked for (accelerate's one-process traps) fails instead of training alone.
     join_process_group()
     check_world_size()
-    return runtime, out
+    point, lock = claim_output_dir(recipe, runtime)
+    for skipped in point.skipped if runtime.is_main else ():
+        log.warning("Not resuming from %s", skipped)
+    return Start(runtime, Path(recipe.output.dir), point, lock)
 
 
 def check_trainer_world(trainer) -> None:
@@ -73,10 +93,21 @@ class RunResult:
 
 
 def run(recipe: Recipe, callbacks=()) -> RunResult:
-    """Run the recipe's task; `callbacks` (transformers `TrainerCallback`s) are added to the Trainer's."""
+    """Run the recipe's task; `callbacks` (transformers `TrainerCallback`s) are added to the Trainer's.
+
+    Resumes from the latest complete checkpoint in `output.dir` unless `train.resume` says otherwise; raises
+    `RunInterrupted` after Ctrl-C or SIGTERM, once the checkpoint to resume from is saved."""
+    start = prepare_run(recipe)
+    try:
+        return _train(recipe, start, callbacks)
+    finally:
+        start.release()
+
+
+def _train(recipe: Recipe, start: Start, callbacks) -> RunResult:
     from accelerate import PartialState
 
-    runtime, out = prepare_run(recipe)
+    runtime, out = start.runtime, start.out
     task = load_task(recipe.task)(recipe, runtime)
     path, tokenizer = load_base(recipe)
     # Data before the model: a bad row or an unknown metric costs seconds, not a model load. The main process
@@ -90,7 +121,8 @@ def run(recipe: Recipe, callbacks=()) -> RunResult:
     has_eval = task.eval_dataset is not None
     config_class, task_arguments = task.trainer_config()
     args = training_arguments(recipe, runtime, out, has_eval=has_eval, config_class=config_class, **task_arguments)
-    trainer = task.build_trainer(model, args, tokenizer, run_callbacks(recipe, callbacks))
+    stop = GracefulStop()
+    trainer = task.build_trainer(model, args, tokenizer, run_callbacks(recipe, [*callbacks, stop]))
     check_trainer_world(trainer)
 
     # The plan comes after the trainer is built: packing happens in its dataset preparation and changes the steps.
@@ -100,10 +132,17 @@ def run(recipe: Recipe, callbacks=()) -> RunResult:
                      **task.plan_rows(trainer))
     if runtime.is_main:
         print(plan.render(), flush=True)
-        for key, value in task.plan_lines():
+        for key, value in [*task.plan_lines(), ("start", f"{start.point.describe()} of {plan.steps} steps")]:
             print(f"  {key.ljust(15)}  {value}", flush=True)
 
-    trainer.train()
+    checkpoint = str(start.point.checkpoint) if start.point.checkpoint else None
+    with stop.installed():  # Ctrl-C / SIGTERM: finish the step, save a checkpoint, stop
+        trainer.train(resume_from_checkpoint=checkpoint)
+    if stop.stopped_at is not None and stop.stopped_at < trainer.state.max_steps:
+        raise RunInterrupted(
+            f"stopped by {stop.requested} at step {stop.stopped_at} of {plan.steps}; checkpoint saved in "
+            f"{out / f'checkpoint-{stop.stopped_at}'}. Run the same command again to resume from it."
+        )
     trainer.save_model(str(out))  # PEFT adapter folder (gathered from all ranks under ZeRO-3), head, tokenizer
     extra = {"skipped_rows": task.skipped, **task.metrics_extra()}
     if has_eval:

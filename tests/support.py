@@ -11,6 +11,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # --------------------------------------------------------------------------------------------
 # Tiny models and tokenizers, built offline
 # --------------------------------------------------------------------------------------------

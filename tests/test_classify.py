@@ -378,7 +378,8 @@ def test_folder_of_class_folders_reads_sorted_rows(tmp_path):
         read_source(DataSource(path=str(folder)))
     assert str(err.value) == (
         f"{folder / 'tech' / '002.txt'}: not UTF-8 text (byte 0xa3 at offset 7)  "
-        "(re-encode it as UTF-8, or set data.on_bad_row: skip to leave such files out)"
+        "(re-encode it as UTF-8, or give the folder's encoding on the data source (encoding: latin-1), "
+        "or set data.on_bad_row: skip to leave such files out)"
     )
     ds, skipped = read_source_with_skips(DataSource(path=str(folder)), on_bad_row="skip")
     assert len(ds) == 4 and skipped == [f"{folder / 'tech' / '002.txt'}: not UTF-8 text (byte 0xa3 at offset 7)"]
@@ -419,8 +420,15 @@ def test_package_paths_with_a_sub_path(fake_package):
     from finetune.models.loading import resolve_model_path
     from finetune.recipe import DataSource, ModelConfig
 
+    (fake_package / "model" / "config.json").write_text("{}")
+    (fake_package / "model" / "model.safetensors").write_bytes(b"")  # resolving checks that the files are there
     assert resolve_model_path(ModelConfig(name_or_path="package://fakepkg_cls/model")) == str(fake_package / "model")
-    assert resolve_model_path(ModelConfig(name_or_path="package://fakepkg_cls")) == str(fake_package)
+    with pytest.raises(FinetuneError) as err:
+        resolve_model_path(ModelConfig(name_or_path="package://fakepkg_cls"))
+    assert str(err.value) == (
+        f"model.name_or_path: {fake_package} is a folder but not a model: it has no config.json. "
+        "Model folders inside it: model."
+    )
     assert len(read_source(DataSource(path="package://fakepkg_cls/corpus/data"))) == 4
     with pytest.raises(FinetuneError) as err:
         resolve_model_path(ModelConfig(name_or_path="package://fakepkg_cls/weights"))

@@ -196,3 +196,44 @@ def test_token_cache_is_keyed_by_content(tokenizer, tmp_path):
     changed = [{"messages": [*rows[0]["messages"][:1], {"role": "assistant", "content": "rome"}]}]
     tokenize_rows(changed, tokenizer, False, cache=tmp_path)  # other content → other entry
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_alpaca_rows_with_a_text_column_are_not_a_mixed_file(tmp_path):
+    """Alpaca exports often carry the rendered `text` beside instruction/output: every row has both, nothing mixes."""
+    row = {"instruction": "name a colour", "output": "red", "text": "### Instruction: name a colour ### Response: red"}
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [row, row])
+    rows = load_rows(config(path).train, config(path), chat=True)
+    assert rows.rows[0] == {"messages": [{"role": "user", "content": "name a colour"}, {"role": "assistant", "content": "red"}]}
+
+
+def test_held_out_split_keeps_each_rows_origin(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": f"row {i}"} for i in range(1, 11)])
+    rows = load_rows(config(path).train, config(path), chat=True)
+    kept, held = rows.split(0.2, seed=3)
+    assert [r["text"] for r in held.rows] == [r["text"] for r in split_rows(rows.rows, 0.2, seed=3)[1]]
+    for part in (kept, held):
+        assert [f"{path}, row {r['text'].split()[1]}" for r in part.rows] == part.origins
+
+
+def test_jsonl_lines_split_on_newlines_only(tmp_path):
+    path = tmp_path / "sep.jsonl"
+    path.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n" + json.dumps({"text": "c"}) + "\n")
+    rows = load_rows(config(path).train, config(path), chat=True)
+    assert [r["text"] for r in rows.rows] == ["a\u2028b", "c"]
+
+
+def test_no_usable_row_names_the_first_problem(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": []}, {"messages": []}])
+    cfg = config(path, on_bad_row="skip")
+    with pytest.raises(DataError) as err:
+        load_rows(cfg.train, cfg, chat=True)
+    assert str(err.value) == f"no usable rows in {path}; the first problem: {path}, row 1: empty conversation"
+
+
+def test_bom_and_named_encodings_are_read(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(CHAT).encode() + b"\n")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("prompt,completion\ncaf\u00e9,\" cr\u00e8me\"\n".encode("latin-1"))
+    cfg = DataConfig(train=[str(bom), {"path": str(latin), "encoding": "latin-1"}])
+    assert load_rows(cfg.train, cfg, chat=True).rows == [CHAT, {"prompt": "caf\u00e9", "completion": " cr\u00e8me"}]

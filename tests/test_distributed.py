@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,17 +19,12 @@ from finetune.distributed.guards import DEFAULT_JOIN_TIMEOUT, check_world_size, 
 from finetune.errors import FinetuneError
 from finetune.recipe import validate_recipe
 from finetune.distributed.zero import available_configs, deepspeed_problems, deepspeed_warnings, load_deepspeed_config, resolve_deepspeed_config
+from support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = ["zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"]
 # Seconds a child process may need beyond its timeout: importing torch on a busy 2-core machine.
 STARTUP_SLACK = 12.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:

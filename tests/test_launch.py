@@ -21,16 +21,11 @@ from finetune.cli import main as cli_main
 from finetune.errors import FinetuneError
 from finetune.commands.launch import add_arguments
 from finetune.distributed.launch import RUN_SCRIPT, build_plan, check_hosts, dry_run_text, node_command, node_environment, parse_hostfile, slurm_script
+from support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ZERO2 = str(REPO / "deepspeed_configs" / "zero2.json")
 STARTUP_SLACK = 12.0  # importing torch in a child process on a busy 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_recipe(folder: Path, name: str = "r.yaml", **extra: str) -> str:

@@ -134,9 +134,69 @@ def test_all_problems_reported_at_once(tmp_path):
     assert result.stderr.splitlines() == [
         f"error: 3 problems in {path}:",
         "  - adapter.type: 'lorra' is not allowed; choose one of: lora, qlora, none. Did you mean 'lora'?",
-        "  - adapter.r: must be greater than 0, got 0.",
+        "  - adapter.r: 0 is out of range (0, 4096]; typical ranks are 4 to 64",
         "  - train.optimizer: 'adam' is not allowed; choose one of: adamw_torch, adamw_8bit, paged_adamw_8bit, "
         "paged_adamw_32bit, adafactor, sgd.",
+    ]
+
+
+def test_out_of_range_values_name_the_key_and_the_range(tmp_path):
+    path = write_recipe(tmp_path, {**MINIMAL, "train": {"learning_rate": 5.0}})
+    result = cli("validate", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == (
+        f"error: 1 problem in {path}:\n"
+        "  - train.learning_rate: 5.0 is out of range (0, 1]; typical LoRA rates are 1e-5 to 2e-3\n"
+    )
+    overrides = ["train.warmup_ratio=1", "adapter.dropout=-0.1", "train.seed=-1", "train.epochs=.inf",
+                 "data.max_length=0", "train.micro_batch_size=0"]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, ["train.learning_rate=1e-4", *overrides])
+    assert err.value.problems == [
+        "adapter.dropout: -0.1 is out of range [0, 1); typical values are 0 to 0.1",
+        "data.max_length: 0 is out of range (0, 1048576]",
+        "train.epochs: expected a finite number, got inf (float).",
+        "train.micro_batch_size: must be greater than 0, got 0.",
+        "train.warmup_ratio: 1 is out of range [0, 1); a fraction of the training steps, e.g. 0.03",
+        "train.seed: -1 is out of range [0, 4294967296)",
+    ]
+
+
+def test_keys_yaml_reads_as_values_and_unusable_paths(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: {name_or_path: m}\ndata: {train: t.jsonl}\noutput: {dir: o}\ntrain: {yes: 1, 3: x}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert err.value.problems == [
+        "train: key true is not a name: YAML read it as true/false (quote it if it is meant as text).",
+        "train: key 3 is not a name: YAML read it as a number (quote it if it is meant as text).",
+    ]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write_recipe(tmp_path, MINIMAL), ["output.dir=" + "x" * 5000, "data.train=a\0b.jsonl"])
+    assert err.value.problems == [
+        "output.dir: not a usable path (File name too long): '" + "x" * 56 + "...",
+        "data.train[0].path: not a usable path (embedded null byte): 'a\\x00b.jsonl'",
+    ]
+    path.write_bytes(b"model: {name_or_path: caf\xe9}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert err.value.problems == ["not valid YAML: line 1 is not UTF-8 (byte 0xe9); save the recipe as UTF-8"]
+
+
+def test_training_data_cannot_be_an_empty_list():
+    with pytest.raises(RecipeError) as err:
+        validate_recipe({**MINIMAL, "data": {"train": []}})
+    assert err.value.problems == ["data.train: needs at least 1 item(s), got []."]
+
+
+def test_data_source_encoding_is_checked():
+    data = {"train": [{"path": "a.jsonl", "encoding": "latin-1"}, {"path": "b.jsonl", "encoding": "latin-9x"},
+                      {"path": "c.parquet", "encoding": "utf-8"}]}
+    with pytest.raises(RecipeError) as err:
+        validate_recipe({**MINIMAL, "data": data})
+    assert err.value.problems == [
+        "data.train[1].encoding: 'latin-9x' is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252, utf-16)",
+        "data.train[2]: encoding: a .parquet file is binary (its strings are always UTF-8); remove encoding",
     ]
 
 
@@ -155,6 +215,16 @@ def test_overrides_go_through_validation(tmp_path):
     with pytest.raises(RecipeError) as err:
         load_recipe(path, ["no_equals_sign"])
     assert err.value.problems == ["override 'no_equals_sign': expected key.path=value"]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, ["train..seed=1", "train.seed.value=1", "model.name_or_path.x=1"])
+    assert err.value.problems == [
+        "override 'train..seed=1': 'train..seed' has an empty part; expected key.path=value",
+        "override 'model.name_or_path.x=1': model.name_or_path is 'some/model', not a section with keys; "
+        "set model.name_or_path=... instead",
+    ]
+    # A data source given as its path, or an adapter as its type, takes keys in overrides too.
+    recipe = load_recipe(path, ["data.train.limit=5", "adapter=none", "adapter.type=lora"])
+    assert recipe.data.train[0].limit == 5 and recipe.data.train[0].path == "train.jsonl"
 
 
 def test_cross_field_problem_names_keys():

@@ -88,13 +88,17 @@ def test_run_folder_has_everything(trained):
     assert metrics["samples"][0]["prompt"] == "what is the capital of italy"
 
 
-def test_output_dir_not_empty_is_refused(trained):
+def test_a_finished_run_and_a_foreign_folder_are_refused(trained, tmp_path):
     from finetune.errors import FinetuneError
     from finetune.runner import run
 
     recipe, _ = trained
-    with pytest.raises(FinetuneError, match=r"output\.dir: .* is not empty\. Choose another folder, or set output\.overwrite=true"):
+    with pytest.raises(FinetuneError, match=r"output\.dir: .* holds a finished run \(train_metrics\.json\)\. Choose another "):
         run(recipe)
+    (tmp_path / "notes.txt").write_text("mine")
+    foreign = recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": str(tmp_path)})})
+    with pytest.raises(FinetuneError, match=r"is not empty and holds no checkpoint of a run to resume \(notes\.txt\)"):
+        run(foreign)
 
 
 def test_full_finetune_and_packing(tiny_llama_dir, tmp_path):

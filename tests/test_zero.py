@@ -35,7 +35,7 @@ import pytest
 import torch
 
 from finetune.recipe import load_recipe
-from support import REPO, capitals_data
+from support import REPO, capitals_data, free_port
 
 RECIPES = REPO / "recipes"
 STEPS = 12  # 2.4 epochs of the 40 capitals rows at 8 rows per step; the recipes' own 36 are for their demo data
@@ -51,14 +51,6 @@ LOSS_RTOL = 1e-4
 GRAD_RTOL = 1e-3
 WEIGHT_ATOL = 1e-4
 LOGITS_ATOL = 2e-3
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(model_dir: Path, data: Path, out: Path) -> list[str]:
@@ -238,9 +230,13 @@ def test_two_nodes_ran_the_generated_per_node_commands(zero2_two_nodes):
 
 def test_the_runner_stops_before_loading_when_the_world_is_smaller_than_launched(tmp_path):
     """As a launcher that quietly started one process would leave it: the model (absent here) is never loaded."""
+    model = tmp_path / "no-model"  # passes the recipe checks (config.json, safetensors) but would fail to load
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"model: {{name_or_path: {tmp_path / 'no-model'}}}\ndata: {{train: {capitals_data(tmp_path / 'd.jsonl')}}}\n"
+        f"model: {{name_or_path: {model}}}\ndata: {{train: {capitals_data(tmp_path / 'd.jsonl')}}}\n"
         f"output: {{dir: {tmp_path / 'out'}}}\ndeepspeed: zero2\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_EXPECTED_WORLD_SIZE": "2"}

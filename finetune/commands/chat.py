@@ -36,7 +36,8 @@ def load_for_chat(run_dir: str, base_only: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from finetune.models.loading import resolve_model_path
+    from finetune.models.adapters import load_adapter
+    from finetune.models.loading import load_checkpoint, resolve_model_path
     from finetune.recipe import load_recipe
 
     run = Path(run_dir)
@@ -44,12 +45,11 @@ def load_for_chat(run_dir: str, base_only: bool = False):
         raise FinetuneError(f"{run}: not a run folder (no recipe.yaml). Give the output.dir of a finished run.")
     recipe = load_recipe(run / "recipe.yaml")
     base = resolve_model_path(recipe.model)
-    tokenizer = AutoTokenizer.from_pretrained(run if (run / "tokenizer_config.json").is_file() else base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    trust = recipe.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(run if (run / "tokenizer_config.json").is_file() else base, trust_remote_code=trust)
+    model = load_checkpoint(AutoModelForCausalLM, base, "model.name_or_path", trust_remote_code=trust, dtype=torch.float32)
     if (run / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(run)
     if not base_only and (run / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, run)
+        model = load_adapter(model, run)
     return model, tokenizer, recipe

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from finetune.commands.common import add_recipe_arguments
+from finetune.errors import FinetuneError
+from finetune.paths import PACKAGE_SCHEME, resolve_package_path
 from finetune.recipe import Recipe
 
 HELP = "Check a recipe (and its data files) without loading a model."
@@ -30,10 +33,33 @@ def validate_command(recipe: Recipe, path: str, check_rows: bool = False) -> int
     print(f"OK: {path} is a valid {recipe.task} recipe ({recipe.model.name_or_path}, adapter {recipe.adapter.type}).")
     if check_rows:
         task = load_task(recipe.task)
+        tokenizer = base_tokenizer(recipe)  # rows whose completion data.max_length cuts off are unusable too
         for key, group in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
             if not group:
                 continue
-            rows = task.read_rows(recipe, group)
+            rows = task.read_rows(recipe, group, tokenizer)
             note = f", {rows.skipped} unusable skipped" if rows.skipped else ""
             print(f"  {key}: {len(rows.rows)} usable rows{note}")
     return 0
+
+
+def base_tokenizer(recipe: Recipe):
+    """The base model's tokenizer, and nothing else of the model: a GGUF's tokenizer is read from the file's
+    metadata, not converted with the weights."""
+    from finetune.models.loading import load_tokenizer
+
+    name = recipe.model.name_or_path
+    folder = str(resolve_package_path(name)) if name.startswith(PACKAGE_SCHEME) else name
+    if not recipe.model.gguf_file:
+        return load_tokenizer(recipe, folder)
+    from transformers import AutoTokenizer
+
+    from finetune.models.templates import resolve_chat_template
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=recipe.model.gguf_file)
+    except (OSError, ValueError) as exc:
+        raise FinetuneError(f"model.gguf_file: cannot read the tokenizer of {Path(folder) / recipe.model.gguf_file}: {exc}") from None
+    if recipe.model.chat_template:
+        tokenizer.chat_template = resolve_chat_template(recipe.model.chat_template)
+    return tokenizer

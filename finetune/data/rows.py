@@ -3,6 +3,10 @@ and the seeded held-out split."""
 
 from __future__ import annotations
 
+import codecs
+import csv
+import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -10,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from finetune.errors import DataError, FinetuneError
-from finetune.paths import PACKAGE_SCHEME, resolve_package_path
+from finetune.paths import PACKAGE_SCHEME, cache_dir, resolve_package_path
 from finetune.recipe import DataSource
 
 log = logging.getLogger(__name__)
@@ -61,13 +65,15 @@ def read_source_with_skips(source: DataSource, base_dir: Path | None = None, on_
     if is_local(source):
         path = local_path(source, base_dir)
         if path.is_dir():
-            found = read_text_folder(path, on_bad_row)
+            found = read_text_folder(path, on_bad_row, source.encoding)
             ds, skipped = datasets.Dataset.from_list(found.rows), found.problems
         elif not path.is_file():
             raise DataError(f"data file not found: {source.path}")
         else:
-            ds = _read_file(path)
+            ds = _read_file(path, source.encoding)
     else:
+        if source.encoding:
+            raise DataError(f"{source.path}: `encoding` is for local text files; a hub dataset is decoded by `datasets`.")
         try:
             ds = datasets.load_dataset(source.path, source.name, split=source.split)
         except Exception as exc:
@@ -78,27 +84,89 @@ def read_source_with_skips(source: DataSource, base_dir: Path | None = None, on_
     return _select_and_rename(ds, source), skipped
 
 
-def _read_file(path: Path):
+def _read_file(path: Path, encoding: str | None = None):
+    """A local file's rows. Text files are checked first (encoding, emptiness, syntax), so a problem names its line;
+    `datasets` then reads them (from a UTF-8 copy in the cache when the file is in another encoding or has a BOM)."""
     import datasets
 
     kind = LOCAL_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}, or a folder")
-    if kind == "json":
-        _check_json(path)
+    readable = path
+    if kind != "parquet":  # parquet is binary: its strings are UTF-8 by definition
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
+        text = decoded_text(path, raw, encoding)
+        if path.suffix.lower() == ".jsonl":
+            for _ in jsonl_rows(path, text=text):
+                pass
+        elif kind == "json":
+            _check_json(path, text)
+        else:
+            _check_csv(path, text)
+        if raw.startswith(codecs.BOM_UTF8) or (encoding and codecs.lookup(encoding).name != "utf-8"):
+            readable = _utf8_copy(path, raw, text)
     try:
-        return datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as exc:  # datasets' errors are opaque; name the file at least
-        raise DataError(f"{path}: could not be read as {kind}: {exc}") from None
+        return datasets.load_dataset(kind, data_files=str(readable), split="train")
+    except Exception as exc:  # datasets' errors are opaque; name the file and the innermost cause
+        cause = exc
+        for _ in range(10):
+            if (cause.__cause__ or cause.__context__) is None:
+                break
+            cause = cause.__cause__ or cause.__context__
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(f"{path}: could not be read as {kind}: {detail}") from None
 
 
-def read_text_folder(folder: Path, on_bad_row: str = "error") -> Rows:
+def decoded_text(path: Path, raw: bytes, encoding: str | None = None) -> str:
+    """The text of a data file: UTF-8 (a BOM is dropped) unless `encoding` names another. A byte that does not decode
+    stops with the file, its line and what to do; a file with nothing but whitespace is empty."""
+    codec = encoding or "utf-8"
+    try:
+        text = raw.decode(codec).removeprefix("\ufeff")  # a byte-order mark is not text
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].decode(codec, errors="replace").count("\n") + 1
+        where = f"{path}, line {line}"
+        byte = f"byte 0x{raw[exc.start]:02x} at offset {exc.start}"
+        if encoding:
+            raise DataError(f"{where}: not {encoding} text ({byte}); check the data source's `encoding`.") from None
+        fixed = path.with_name(f"{path.stem}.utf8{path.suffix}")
+        if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            what, name, iconv = "the file starts with a UTF-16 byte-order mark", "utf-16", "utf-16"
+        else:
+            what, name, iconv = byte, "latin-1", "latin1"
+        raise DataError(
+            f"{where}: not UTF-8 ({what}). Convert the file (from {name}: iconv -f {iconv} -t utf-8 {path} > {fixed}), "
+            f"or give its encoding on the data source in the recipe ({{path: ..., encoding: {name}}})."
+        ) from None
+    if not text.strip():
+        raise DataError(f"{path}: empty file (no rows)")
+    return text
+
+
+def _utf8_copy(path: Path, raw: bytes, text: str) -> Path:
+    """A UTF-8 copy of `text` in the cache, named by the original's content, for `datasets` to read."""
+    import os
+
+    folder = cache_dir() / "utf8"
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / f"{path.stem}-{hashlib.sha256(raw).hexdigest()[:16]}{path.suffix.lower()}"
+    if not copy.is_file():
+        partial = copy.with_name(f"{copy.name}.partial-{os.getpid()}")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(copy)  # atomic: another process never reads half a copy
+    return copy
+
+
+def read_text_folder(folder: Path, on_bad_row: str = "error", encoding: str | None = None) -> Rows:
     """Rows {text, label, file} from a folder of class sub-folders of `.txt` files: the label is the sub-folder's name.
 
     `folder/sport/001.txt` becomes `{"text": <its content, stripped>, "label": "sport", "file": "<path>"}`. Folders and
     files are read in sorted order, so the rows (and a seeded split of them) are the same on every machine. Only
-    `<folder>/<label>/*.txt` is read; hidden files and deeper folders are not. Text is UTF-8 (a BOM is dropped);
-    a file that is not UTF-8 stops the run, or is left out and counted with `on_bad_row: skip`.
+    `<folder>/<label>/*.txt` is read; hidden files and deeper folders are not. Text is UTF-8 (a BOM is dropped), or
+    `encoding`; a file that does not decode stops the run, or is left out and counted with `on_bad_row: skip`.
     """
     out = Rows(rows=[])
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -106,13 +174,13 @@ def read_text_folder(folder: Path, on_bad_row: str = "error") -> Rows:
         for file in sorted(f for f in class_dir.glob("*.txt") if f.is_file() and not f.name.startswith(".")):
             data = file.read_bytes()
             try:
-                text = data.decode("utf-8-sig")
+                text = data.decode(encoding or "utf-8").removeprefix("\ufeff")  # a byte-order mark is not text
             except UnicodeDecodeError as exc:
-                problem = f"{file}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+                problem = f"{file}: not {encoding or 'UTF-8'} text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
                 if on_bad_row == "error":
-                    raise DataError(
-                        problem + "  (re-encode it as UTF-8, or set data.on_bad_row: skip to leave such files out)"
-                    ) from None
+                    fix = ("check the data source's `encoding`" if encoding else
+                           "re-encode it as UTF-8, or give the folder's encoding on the data source (encoding: latin-1)")
+                    raise DataError(problem + f"  ({fix}, or set data.on_bad_row: skip to leave such files out)") from None
                 out.skipped += 1
                 out.problems.append(problem)
                 continue
@@ -135,33 +203,72 @@ def _select_and_rename(ds, source: DataSource):
     return ds
 
 
-def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def jsonl_rows(path: Path, encoding: str | None = None, text: str | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, object) of each non-blank line; a syntax error or a non-object names its line."""
-    with path.open() as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: invalid JSON ({exc.msg})") from None
-            if not isinstance(value, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(value).__name__}")
-            yield number, value
-
-
-def _check_json(path: Path) -> None:
-    """Find the exact line of a JSON syntax error (datasets only says the file failed)."""
-    if path.suffix.lower() == ".jsonl":
-        for _ in jsonl_rows(path):
-            pass
-    else:
+    if text is None:
+        text = decoded_text(path, path.read_bytes(), encoding)
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
         try:
-            value = json.loads(path.read_text())
+            value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(value, (list, dict)):
-            raise DataError(f"{path}: expected a list of objects")
+            raise DataError(f"{path}, line {number}: invalid JSON ({exc.msg})") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object, got {_json_type(value)}")
+        yield number, value
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _check_json(path: Path, text: str) -> None:
+    """A `.json` file holds a list of objects (or an object of equal-length column lists, as `datasets` reads);
+    a syntax error names its line (datasets only says the file failed)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    if isinstance(value, list):
+        if not value:
+            raise DataError(f"{path}: no rows (an empty JSON list)")
+        for number, item in enumerate(value, 1):
+            if not isinstance(item, dict):
+                raise DataError(f"{path}, row {number}: expected a JSON object, got {_json_type(item)}")
+        return
+    columns = isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values())
+    if not columns or len({len(v) for v in value.values()}) != 1:
+        raise DataError(
+            f"{path}: expected a JSON list of objects, one per row ([{{...}}, {{...}}]), got {_json_type(value)}"
+            + (" (not one list per column)" if isinstance(value, dict) else "")
+        )
+
+
+def _check_csv(path: Path, text: str) -> None:
+    """A header and rows with as many fields; a cut or unbalanced line names its line (pandas would pad it or fail)."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # Python's default (128 KiB) is not pandas'
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header, rows = None, 0
+    try:
+        for fields in reader:
+            if not fields or fields == [""]:  # a blank line, skipped as pandas does
+                continue
+            if header is None:
+                header = fields
+                continue
+            rows += 1
+            if len(fields) != len(header):
+                raise DataError(
+                    f"{path}, line {reader.line_num}: {len(fields)} field(s), but the header has {len(header)} "
+                    f"({', '.join(header)}); is the line cut short, or a comma not quoted?"
+                )
+    except csv.Error as exc:
+        raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({exc})") from None
+    if not rows:
+        raise DataError(f"{path}: a header line and no rows")
 
 
 @dataclass
@@ -171,11 +278,13 @@ class Rows:
     rows: list[dict]
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)  # "FILE, row N" of each row, for problems found later
 
     def add(self, origin: str, build: Callable[[], dict], on_bad_row: str) -> None:
         """Append the row `build` returns; its ValueError is the row's problem: raised with `origin`, or counted."""
         try:
             self.rows.append(build())
+            self.origins.append(origin)
         except ValueError as exc:
             problem = f"{origin}: {exc}"
             if on_bad_row == "error":
@@ -188,8 +297,17 @@ class Rows:
         if self.skipped:
             log.warning("Skipped %d unusable row(s); first: %s", self.skipped, self.problems[0])
         if not self.rows:
-            raise DataError(f"no usable rows in {', '.join(s.path for s in sources)}")
+            first = f"; the first problem: {self.problems[0]}" if self.problems else ""
+            raise DataError(f"no usable rows in {', '.join(s.path for s in sources)}{first}")
         return self
+
+    def split(self, fraction: float, seed: int) -> tuple[Rows, Rows]:
+        """`split_rows` keeping each row's origin; what was skipped stays with the first part."""
+        kept, held = split_rows(list(zip(self.rows, self.origins)), fraction, seed)
+        return (
+            Rows([r for r, _ in kept], self.skipped, self.problems, [o for _, o in kept]),
+            Rows([r for r, _ in held], origins=[o for _, o in held]),
+        )
 
 
 def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

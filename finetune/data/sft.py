@@ -116,19 +116,40 @@ def normalise_row(row: dict, fmt: str, system_prompt: str | None, chat: bool) ->
     return {"text": _text(row, "text")}
 
 
+def _row_formats(row: dict) -> list[str]:
+    """The formats whose columns all hold a value in this row."""
+    return [name for name, needed in FORMAT_COLUMNS.items() if all(row.get(c) is not None for c in needed)]
+
+
+def _check_one_format(row: dict, fmt: str) -> None:
+    """A row of another format in a file that mixes them (`datasets` gives every row every column, null-filled)."""
+    present = _row_formats(row)
+    if fmt not in present and present:
+        other = present[0]
+        raise ValueError(
+            f"a {other} row ({', '.join(FORMAT_COLUMNS[other])}) in a file whose first row is {fmt}; "
+            "one file holds one format: put these rows in a file of their own and list both under data.train"
+        )
+
+
 def load_rows(sources: list[DataSource], config: DataConfig, chat: bool, base_dir: Path | None = None) -> Rows:
     """Read and validate every row of `sources`; bad rows raise (or are skipped and counted, per `on_bad_row`)."""
     out = Rows(rows=[])
     for source in sources:
         ds = read_source(source, base_dir)
         fmt = detect_format(ds.column_names, source)
+        mixed = source.format == "auto" and sum(all(c in ds.column_names for c in cols) for cols in FORMAT_COLUMNS.values()) > 1
+        if mixed and len(ds):  # the columns of several formats: the file's format is its first row's
+            fmt = next(iter(_row_formats(ds[0])), fmt)
         offset = 1  # rows are numbered from 1 as users count them; JSONL row N is line N
         for index, row in enumerate(ds):
-            out.add(
-                f"{source.path}, row {index + offset}",
-                lambda row=row: normalise_row(row, fmt, config.system_prompt, chat),
-                config.on_bad_row,
-            )
+
+            def build(row=row) -> dict:
+                if mixed:
+                    _check_one_format(row, fmt)
+                return normalise_row(row, fmt, config.system_prompt, chat)
+
+            out.add(f"{source.path}, row {index + offset}", build, config.on_bad_row)
     return out.checked(sources)
 
 
@@ -146,6 +167,61 @@ def tokenize_row(row: dict, tokenizer, train_on_inputs: bool) -> dict:
         full_ids = prompt_ids + tokenizer(row["completion"] + eos, add_special_tokens=False)["input_ids"]
     labels = list(full_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids) :]
     return {"input_ids": full_ids, "labels": labels}
+
+
+def needs_chat_template(rows: list[dict], tokenizer) -> None:
+    """Chat rows cannot be tokenized (nor masked) without a chat template."""
+    if any("messages" in r for r in rows) and not tokenizer.chat_template:
+        raise DataError(
+            "the data holds chat `messages` but the tokenizer has no chat template: set model.chat_template "
+            "(e.g. chatml, or a path to a .jinja file)."
+        )
+
+
+def first_loss_token(labels: list[int]) -> int | None:
+    """Index of the first token that carries a loss, or None."""
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
+
+
+def keep_learnable(rows: Rows, tokenizer, config: DataConfig, cache: Path | None = None, on_main_first=None):
+    """`rows` tokenized, less those with no loss token within `data.max_length`: (the rows kept, their dataset).
+
+    TRL 1.16 truncates from the right (`truncation_mode="keep_start"`, and BFD packing keeps the start too), so a
+    row whose prompt fills the window keeps no completion token and teaches nothing; TRL drops such rows without a
+    word. Here they follow `data.on_bad_row` (stop with file and row, or counted as skipped), and a split with no
+    row left stops the run.
+    """
+    needs_chat_template(rows.rows, tokenizer)
+    ds = tokenize_rows(rows.rows, tokenizer, config.train_on_inputs, cache, on_main_first)
+    limit = config.max_length
+    cut = []  # (index, why) of rows with nothing to learn within the window
+    for index, labels in enumerate(ds["labels"]):
+        first = first_loss_token(labels)
+        if first is None or first >= limit:
+            where = f"the prompt alone is {first} tokens" if first is not None else "no token carries a loss"
+            cut.append((index, f"{rows.origins[index]}: no completion token within data.max_length={limit} ({where})"))
+    if not cut:
+        return rows, ds
+    if len(cut) == len(rows.rows):
+        raise DataError(
+            f"no row has a completion token within data.max_length={limit}; raise data.max_length or shorten the "
+            f"prompts. First: {cut[0][1]}"
+        )
+    if config.on_bad_row == "error":
+        raise DataError(
+            f"{cut[0][1]}  (raise data.max_length, shorten the prompt, or set data.on_bad_row: skip to drop such "
+            "rows and count them)"
+        )
+    log.warning("Skipped %d row(s) with no completion token within data.max_length=%d; first: %s", len(cut), limit, cut[0][1])
+    dropped = {index for index, _ in cut}
+    kept = [i for i in range(len(rows.rows)) if i not in dropped]
+    out = Rows(
+        [rows.rows[i] for i in kept],
+        rows.skipped + len(cut),
+        rows.problems + [why for _, why in cut],
+        [rows.origins[i] for i in kept],
+    )
+    return out, ds.select(kept)
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:

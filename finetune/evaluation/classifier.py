@@ -57,7 +57,7 @@ def load_classifier(target: str | Path) -> Classifier:
     folder = run_folder(target)
     recipe = load_recipe(folder / "recipe.yaml")
     labels = LabelMap.load(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=recipe.model.trust_remote_code)
     base = resolve_model_path(recipe.model)
     has_adapter = (folder / "adapter_config.json").is_file()
     runtime = resolve_runtime(recipe)
@@ -69,9 +69,9 @@ def load_classifier(target: str | Path) -> Classifier:
     if recipe.is_quantized:
         use_exact_4bit_kernels(model)  # the kernel training and its evaluation used: predictions reproduce them
     if has_adapter:
-        from peft import PeftModel
+        from finetune.models.adapters import load_adapter
 
-        model = PeftModel.from_pretrained(model, folder)
+        model = load_adapter(model, folder)
     model.eval()
     return Classifier(model, tokenizer, labels, check_max_length(recipe, base, tokenizer), recipe)
 

@@ -112,9 +112,9 @@ def _causal_lm(source: EvalSource, runtime, tokenizer) -> Variants:
         if (source.run_dir / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(source.run_dir)  # the end-of-turn stop token
         if source.has_adapter:
-            from peft import PeftModel
+            from finetune.models.adapters import load_adapter
 
-            model = PeftModel.from_pretrained(model, source.run_dir)
+            model = load_adapter(model, source.run_dir)
         variants = Variants(model, tokenizer, [])
     variants.model_class = AutoModelForCausalLM
     return variants
@@ -145,10 +145,10 @@ def _classification(source: EvalSource, runtime) -> Variants:
 def _load_merged(source: EvalSource, model_class):
     import torch
 
-    from finetune.models.loading import quiet_transformers
+    from finetune.models.loading import load_checkpoint, quiet_transformers
 
     with quiet_transformers():
-        model = model_class.from_pretrained(source.merged_dir, dtype=torch.float32)
+        model = load_checkpoint(model_class, source.merged_dir, None, dtype=torch.float32)
     return model.eval()
 
 

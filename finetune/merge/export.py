@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.models.loading import quiet_transformers
+from finetune.models.loading import load_checkpoint, quiet_transformers
 from finetune.merge.verify import load_merged, logits_of
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def quantize_export(
         config = BitsAndBytesConfig(load_in_8bit=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with quiet_transformers():
-        model = model_class.from_pretrained(merged_dir, quantization_config=config, device_map=device)
+        model = load_checkpoint(model_class, merged_dir, None, quantization_config=config, device_map=device)
         # Save before any forward pass: on CPUs with AVX512-bf16, bitsandbytes repacks 4-bit weights on the first
         # forward and the repacked state does not round-trip through save_pretrained exactly.
         model.save_pretrained(out_dir, max_shard_size=max_shard_size)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.errors import FinetuneError
-from finetune.models.loading import quiet_transformers
+from finetune.models.adapters import load_adapter
+from finetune.models.loading import load_checkpoint, quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -22,19 +22,15 @@ def load_base_with_adapter(
     """Base in fp32 with the adapter attached (unmerged), as PEFT runs it. `overrides` set config fields such as
     the classification labels; `vocab_size` resizes the embeddings first when the run resized them; `round_to`
     rounds the base weights to that dtype (kept in fp32 storage), as the merged checkpoint rounds them."""
-    from peft import PeftModel
-
     with quiet_transformers():
-        model = model_class.from_pretrained(base_dir, dtype=torch.float32, **overrides)
+        model = load_checkpoint(model_class, base_dir, None, dtype=torch.float32, **overrides)
         if vocab_size is not None and vocab_size != model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(vocab_size)
         if round_to != torch.float32:
             for param in model.parameters():  # one tensor at a time: no second copy of the model
                 param.data = param.data.to(round_to).float()
-        try:
-            model = PeftModel.from_pretrained(model, adapter_dir)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise FinetuneError(f"PEFT cannot load adapter {adapter_dir} onto base {base_dir}: {exc}") from None
+        # The merge checks the adapter against the base it was given (--base may be a copy under another name).
+        model = load_adapter(model, adapter_dir, check_base=False)
     return model.eval()
 
 

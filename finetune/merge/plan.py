@@ -82,6 +82,8 @@ def _beside(adapter_dir: Path, name: str) -> Path | None:
 
 def resolve_inputs(adapter: str | Path, base: str | None) -> MergeInputs:
     """Find the adapter files, the run's recipe and labels, and the base: --base, else adapter_config, else recipe."""
+    from finetune.models.adapters import read_adapter_config
+    from finetune.models.checkpoint import folder_problem, local_name
     from finetune.models.loading import resolve_model_path
     from finetune.recipe import ModelConfig, load_recipe
 
@@ -90,11 +92,7 @@ def resolve_inputs(adapter: str | Path, base: str | None) -> MergeInputs:
         full = (adapter_dir / "config.json").is_file()
         hint = " It holds a full model (config.json), not an adapter: there is nothing to merge." if full else ""
         raise FinetuneError(f"{adapter_dir}: no adapter_config.json; not a PEFT adapter or finetune run folder.{hint}")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        pickle = (adapter_dir / "adapter_model.bin").is_file()
-        hint = " (only a pickle adapter_model.bin; re-save it with safetensors)" if pickle else ""
-        raise FinetuneError(f"{adapter_dir}: no adapter_model.safetensors{hint}.")
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = read_adapter_config(adapter_dir)  # damaged files and pickled weights are refused here
     recipe_path = _beside(adapter_dir, "recipe.yaml")
     recipe = load_recipe(recipe_path) if recipe_path else None
     labels_path = _beside(adapter_dir, "labels.json")
@@ -102,7 +100,7 @@ def resolve_inputs(adapter: str | Path, base: str | None) -> MergeInputs:
 
     named = config.get("base_model_name_or_path")
     if base:
-        base_name, base_dir = base, _local_model(resolve_model_path(ModelConfig(name_or_path=base)))
+        base_name, base_dir = base, _local_model(local_name(ModelConfig(name_or_path=base)))
     elif named and Path(named).is_dir():
         base_name, base_dir = (recipe.model.name_or_path if recipe else named), Path(named)
     elif recipe is not None:  # the run's base folder moved or was a converted cache: resolve it again
@@ -111,8 +109,9 @@ def resolve_inputs(adapter: str | Path, base: str | None) -> MergeInputs:
         base_name, base_dir = named, _local_model(named)
     else:
         raise FinetuneError(f"{adapter_dir}: the adapter names no base model and there is no recipe.yaml; pass --base.")
-    if not (base_dir / "config.json").is_file():
-        raise FinetuneError(f"base model {base_dir}: no config.json.")
+    problem = folder_problem(base_dir, fix="Pass --base with a safetensors copy of the model.")
+    if problem:
+        raise FinetuneError(f"base model: {problem}")
 
     classification = recipe is not None and recipe.task == "classification"
     task_type = config.get("task_type") or ("SEQ_CLS" if classification else "CAUSAL_LM")

@@ -44,7 +44,7 @@ def convert_gguf(folder: Path, gguf_file: str) -> Path:
         log.info("Converting %s to safetensors once (cached in %s)...", source.name, target)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, trust_remote_code=False)
             # transformers 5 keeps GGUF weights in their quantized blocks (not trainable, not serializable)
             # unless asked to unpack them; then the quantizer is dropped so the model saves as plain weights.
             model = AutoModelForCausalLM.from_pretrained(
@@ -52,6 +52,7 @@ def convert_gguf(folder: Path, gguf_file: str) -> Path:
                 gguf_file=gguf_file,
                 dtype=torch.float32,
                 quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True),
+                trust_remote_code=False,  # GGUF architectures are built into transformers
             )
             if getattr(model, "hf_quantizer", None) is not None:
                 model.hf_quantizer.remove_quantization_config(model)

@@ -19,20 +19,53 @@ from finetune.recipe.schema import Recipe
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe, apply `key.path=value` overrides and validate; raises RecipeError with every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError([f"recipe file not found: {path}"])
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError([f"recipe file not found: {path}"]) from None
+    except OSError as exc:  # a folder, no permission, a name too long
+        raise RecipeError([f"recipe file not readable: {path} ({exc.strerror})"]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError(
+            [f"not valid YAML: line {line} is not UTF-8 (byte 0x{raw[exc.start]:02x}); save the recipe as UTF-8"],
+            source=str(path),
+        ) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError([f"not valid YAML: {exc}"], source=str(path)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError([f"a recipe is a mapping of sections, got {type(data).__name__}"], source=str(path))
+        sections = ", ".join(Recipe.model_fields)
+        raise RecipeError(
+            [f"the file must hold a mapping of sections ({sections}), got {type(data).__name__}"], source=str(path)
+        )
     data = apply_overrides(data, overrides)
     recipe = validate_recipe(data, source=str(path))
+    problems = path_problems(recipe)
+    if problems:
+        raise RecipeError(problems, source=str(path))
     resolve_data_paths(recipe, path.resolve().parent)
     return recipe
+
+
+def path_problems(recipe: Recipe) -> list[str]:
+    """Paths no file system can hold (a NUL byte, a name too long): said here, before anything stats them."""
+    paths = [("model.name_or_path", recipe.model.name_or_path), ("output.dir", recipe.output.dir)]
+    paths += [(f"data.{key}[{i}].path", s.path) for key in ("train", "eval") for i, s in enumerate(getattr(recipe.data, key) or [])]
+    problems = []
+    for key, text in paths:
+        try:
+            os.stat(text)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte, which pathlib's own checks let through
+            problems.append(f"{key}: not a usable path ({getattr(exc, 'strerror', None) or exc}): {_show(text)}")
+    return problems
 
 
 def resolve_data_paths(recipe: Recipe, recipe_dir: Path) -> None:
@@ -57,6 +90,10 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         if not sep or not key.strip():
             problems.append(f"override {item!r}: expected key.path=value")
             continue
+        parts = key.strip().split(".")
+        if not all(parts):
+            problems.append(f"override {item!r}: {key.strip()!r} has an empty part; expected key.path=value")
+            continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
@@ -68,26 +105,58 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                 continue
             value = raw
         node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1], 1):
             child = node.get(part)
-            if isinstance(child, str) and part in ("adapter",):
-                child = {"type": child}
-            if not isinstance(child, dict):
+            if isinstance(child, str) and parts[:depth] == ["adapter"]:
+                child = {"type": child}  # `adapter: lora` is shorthand for `adapter: {type: lora}`
+            elif isinstance(child, str) and parts[:depth] in (["data", "train"], ["data", "eval"]):
+                child = {"path": child}  # a data source given as its path
+            elif child is None:
                 child = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[:depth])
+                problems.append(f"override {item!r}: {where} is {_show(child)}, not a section with keys; set {where}=... instead")
+                break
             node[part] = child
             node = child
-        node[parts[-1]] = value
+        else:
+            node[parts[-1]] = value
     if problems:
         raise RecipeError(problems)
     return data
 
 
 def validate_recipe(data: dict, source: str | None = None) -> Recipe:
+    problems: list[str] = []
+    data = _named_keys_only(data, (), problems)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(format_errors(exc), source=source) from None
+        raise RecipeError(problems + format_errors(exc), source=source) from None
+    if problems:
+        raise RecipeError(problems, source=source)
+    return recipe
+
+
+def _named_keys_only(value: Any, loc: tuple, problems: list[str], section: type[BaseModel] = Recipe) -> Any:
+    """`value` without the keys of its sections that are not strings, each reported. YAML reads an unquoted `1:`,
+    `yes:` or `~:` as a number, a boolean or null, which pydantic would report under a garbled name."""
+    if isinstance(value, list):
+        return [_named_keys_only(v, (*loc, i), problems, section) for i, v in enumerate(value)]
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for key, sub in value.items():
+        if isinstance(key, str):
+            field = section.model_fields.get(key)
+            inner = _section_type(field.annotation) if field is not None else None
+            out[key] = _named_keys_only(sub, (*loc, key), problems, inner) if inner is not None else sub
+            continue
+        spelled = yaml.safe_dump(key, default_flow_style=True).strip().removesuffix("...").strip()
+        read_as = {bool: "true/false", type(None): "null", int: "a number", float: "a number"}.get(type(key), type(key).__name__)
+        where = f"{_dotted(loc)}: key" if loc else "top-level key"
+        problems.append(f"{where} {spelled} is not a name: YAML read it as {read_as} (quote it if it is meant as text).")
+    return out
 
 
 def _field_names(model: type[BaseModel]) -> list[str]:
@@ -160,6 +229,7 @@ _EXPECTED = {
     "dict_type": "a mapping",
     "model_type": "a mapping",
     "model_attributes_type": "a mapping",
+    "finite_number": "a finite number",
 }
 
 
@@ -193,14 +263,21 @@ def format_errors(exc: ValidationError) -> list[str]:
         elif kind in _EXPECTED:
             msg = f"{where}: expected {_EXPECTED[kind]}, got {_show(value)} ({type(value).__name__})."
         elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-            bound = {
-                "greater_than": "greater than",
-                "greater_than_equal": "at least",
-                "less_than": "less than",
-                "less_than_equal": "at most",
-            }[kind]
-            limit = next(iter(err.get("ctx", {}).values()), "?")
-            msg = f"{where}: must be {bound} {limit}, got {_show(value)}."
+            interval = _interval(_field_at(loc))
+            if interval:  # bounded on both sides: say the whole range
+                hint = _RANGE_HINTS.get(re.sub(r"\[\d+\]", "", where))
+                msg = f"{where}: {_show(value)} is out of range {interval}" + (f"; {hint}" if hint else "")
+            else:
+                bound = {
+                    "greater_than": "greater than",
+                    "greater_than_equal": "at least",
+                    "less_than": "less than",
+                    "less_than_equal": "at most",
+                }[kind]
+                limit = next(iter(err.get("ctx", {}).values()), "?")
+                msg = f"{where}: must be {bound} {limit}, got {_show(value)}."
+        elif kind == "too_short":
+            msg = f"{where}: needs at least {err.get('ctx', {}).get('min_length', 1)} item(s), got {_show(value)}."
         elif kind == "value_error":
             text = str(err.get("ctx", {}).get("error", err["msg"]))
             for line in text.splitlines():
@@ -210,6 +287,31 @@ def format_errors(exc: ValidationError) -> list[str]:
             msg = f"{where}: {err['msg']} (got {_show(value)})."
         problems.append(msg)
     return problems
+
+
+# What a sensible value looks like, after "out of range", for keys where the range alone does not say.
+_RANGE_HINTS = {
+    "train.learning_rate": "typical LoRA rates are 1e-5 to 2e-3",
+    "adapter.r": "typical ranks are 4 to 64",
+    "train.warmup_ratio": "a fraction of the training steps, e.g. 0.03",
+    "data.eval_fraction": "a fraction of the training rows, e.g. 0.1",
+    "adapter.dropout": "typical values are 0 to 0.1",
+}
+
+
+def _interval(field) -> str | None:
+    """`(0, 1]` for a field bounded on both sides (gt/ge and lt/le in its metadata), else None."""
+    if field is None:
+        return None
+    low = high = None
+    for item in field.metadata:
+        for name, bracket in (("gt", "("), ("ge", "[")):
+            if getattr(item, name, None) is not None:
+                low = f"{bracket}{getattr(item, name)}"
+        for name, bracket in (("lt", ")"), ("le", "]")):
+            if getattr(item, name, None) is not None:
+                high = f"{getattr(item, name)}{bracket}"
+    return f"{low}, {high}" if low and high else None
 
 
 def _literal_values(field) -> list:
@@ -232,11 +334,20 @@ def _literal_values(field) -> list:
 _SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key|access_key)$", re.IGNORECASE)
 
 
+# Values too, in any field (a URL or path with a token in it): Hugging Face tokens, and the value of any environment
+# variable named like a secret (HF_TOKEN, WANDB_API_KEY...; 8+ characters, so flags such as X_TOKEN=1 stay).
+_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+
+
 def _redact(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: ("<redacted>" if _SECRET_KEY.search(k) and v else _redact(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v) for v in value]
+    if isinstance(value, str):
+        for secret in (v for k, v in os.environ.items() if _SECRET_KEY.search(k) and len(v) >= 8):
+            value = value.replace(secret, "<redacted>")
+        return _HF_TOKEN.sub("<redacted>", value)
     return value
 
 

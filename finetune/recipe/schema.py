@@ -33,6 +33,12 @@ class ModelConfig(Section):
         None,
         description="A GGUF file inside `name_or_path` to load (dequantized once, then cached as safetensors).",
     )
+    weights_file: str | None = Field(
+        None,
+        description="A pickled weights file inside `name_or_path` (`pytorch_model.bin`, `.pt`, `.pth`) to load when the "
+        "folder has no safetensors. Pickles are refused unless named here, because unpickling can run code; "
+        "a named file is read with `torch.load(weights_only=True)` (tensors only) once, then cached as safetensors.",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when loading from the hub.")
     dtype: Dtype = Field(
         "auto",
@@ -51,6 +57,12 @@ class ModelConfig(Section):
         None, description="Attention kernel; default lets transformers choose (sdpa where supported)."
     )
 
+    @model_validator(mode="after")
+    def _one_weights_source(self) -> ModelConfig:
+        if self.gguf_file and self.weights_file:
+            raise ValueError("set either model.gguf_file or model.weights_file, not both")
+        return self
+
 
 class AdapterConfig(Section):
     """The parameter-efficient adapter (PEFT) attached to the model, or `none` for a full fine-tune."""
@@ -60,9 +72,9 @@ class AdapterConfig(Section):
         description="`lora`; `qlora` (LoRA on a 4-bit base, implies `quantization.bits: 4`); "
         "`none` trains every weight (full fine-tune). `adapter: none` is shorthand for the latter.",
     )
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    r: int = Field(16, gt=0, le=4096, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, allow_inf_nan=False, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0, lt=1, allow_inf_nan=False, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
         description="Module names (or suffixes) to adapt, or `all-linear` for every linear layer except the output head.",
@@ -132,11 +144,38 @@ class DataSource(Section):
     name: str | None = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Split to read from a hub dataset.")
     limit: int | None = Field(None, gt=0, description="Use only the first N rows.")
+    encoding: str | None = Field(
+        None,
+        description="Text encoding of a local `.jsonl`, `.json`, `.csv` file or of a folder's `.txt` files "
+        "(e.g. `latin-1`, `cp1252`, `utf-16`). Default: UTF-8 (a byte-order mark is dropped); a file that is not "
+        "UTF-8 stops with its first bad line. Not for `.parquet` (binary) or hub datasets.",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _path_shorthand(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str | None) -> str | None:
+        import codecs
+
+        if value is None:
+            return value
+        try:
+            text_encoding = codecs.lookup(value)._is_text_encoding  # False for base64, zlib, rot13...
+        except LookupError:
+            text_encoding = False
+        if not text_encoding:
+            raise ValueError(f"{value[:40]!r} is not a text encoding Python knows (e.g. utf-8, latin-1, cp1252, utf-16)")
+        return value
+
+    @model_validator(mode="after")
+    def _encoding_needs_text(self) -> DataSource:
+        if self.encoding is not None and self.path.lower().endswith(".parquet"):
+            raise ValueError("encoding: a .parquet file is binary (its strings are always UTF-8); remove encoding")
+        return self
 
 
 def _sources(value: Any) -> Any:
@@ -148,13 +187,16 @@ def _sources(value: Any) -> Any:
 class DataConfig(Section):
     """Training and evaluation data, and how rows become tokens."""
 
-    train: list[DataSource] = Field(description="Training data: a path, a source, or a list of them (concatenated).")
+    train: list[DataSource] = Field(
+        min_length=1, description="Training data: a path, a source, or a list of them (concatenated)."
+    )
     eval: list[DataSource] | None = Field(None, description="Held-out evaluation data; exclusive with `eval_fraction`.")
     eval_fraction: float | None = Field(
-        None, gt=0, lt=1, description="Hold out this fraction of the training rows for evaluation (seeded split)."
+        None, gt=0, lt=1, allow_inf_nan=False,
+        description="Hold out this fraction of the training rows for evaluation (seeded split).",
     )
-    seed: int = Field(42, description="Seed for shuffling and the held-out split.")
-    max_length: int = Field(1024, gt=0, description="Maximum tokens per example; longer examples are truncated.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for shuffling and the held-out split.")
+    max_length: int = Field(1024, gt=0, le=1_048_576, description="Maximum tokens per example; longer examples are truncated.")
     packing: bool = Field(False, description="Pack several examples into each sequence of `max_length` tokens.")
     train_on_inputs: bool = Field(
         False,
@@ -189,17 +231,17 @@ class ClassificationConfig(Section):
 class TrainConfig(Section):
     """Optimization, precision, device and logging."""
 
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when `max_steps` is set).")
+    epochs: float = Field(1.0, gt=0, le=10_000, allow_inf_nan=False, description="Passes over the training data (ignored when `max_steps` is set).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     micro_batch_size: int = Field(4, gt=0, description="Examples per device per forward pass.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro batches per optimizer step.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, allow_inf_nan=False, description="Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the steps spent warming up the learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, allow_inf_nan=False, description="Fraction of the steps spent warming up the learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, allow_inf_nan=False, description="Gradient clipping norm (0 disables).")
     optimizer: Literal[
         "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
     ] = Field(
@@ -215,13 +257,19 @@ class TrainConfig(Section):
     num_threads: int | None = Field(
         None, gt=0, description="CPU threads per process. Default: the cores this process may use, divided among local processes."
     )
-    seed: int = Field(42, description="Seed for weights of new modules, dropout and data order.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for weights of new modules, dropout and data order.")
     logging_steps: int = Field(5, gt=0, description="Log loss every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; default once per epoch.")
     save_steps: int | None = Field(None, gt=0, description="Save a checkpoint every N steps; default once per epoch.")
     save_total_limit: int | None = Field(2, gt=0, description="Keep at most N checkpoints.")
     save_checkpoints: bool = Field(
         True, description="Write intermediate checkpoints (`checkpoint-N/`); the final adapter is always saved."
+    )
+    resume: str = Field(
+        "auto",
+        description="`auto`: continue from the latest complete checkpoint in `output.dir` (adapter, optimizer, "
+        "scheduler, data position, RNG) when the recipe still fits it, else start fresh; `never`: start over "
+        "(a non-empty `output.dir` needs `output.overwrite`); or the path of a `checkpoint-N` folder to continue from.",
     )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop when `metric_for_best_model` has not improved for N evaluations."
@@ -294,6 +342,7 @@ class MergeConfig(Section):
     tolerance: float | None = Field(
         None,
         gt=0,
+        allow_inf_nan=False,
         description="Largest max |logit difference| accepted between the merged model and base + adapter; "
         "default: relative to the logit scale, per dtype.",
     )

@@ -25,8 +25,9 @@ class Task:
         self.skipped = 0  # unusable rows dropped under data.on_bad_row: skip
 
     @classmethod
-    def read_rows(cls, recipe: Recipe, sources: list[DataSource]):
-        """Read and check every row of `sources` (`finetune validate --data`); returns `finetune.data.rows.Rows`."""
+    def read_rows(cls, recipe: Recipe, sources: list[DataSource], tokenizer=None):
+        """Read and check every row of `sources` (`finetune validate --data`); returns `finetune.data.rows.Rows`.
+        With the base model's `tokenizer`, rows that tokenize to nothing to learn from are counted too."""
         raise NotImplementedError
 
     def prepare_data(self, tokenizer, model_path: str, main_first) -> None:

@@ -197,7 +197,7 @@ class ClassificationTask(Task):
     peft_task_type = "SEQ_CLS"
 
     @classmethod
-    def read_rows(cls, recipe: Recipe, sources: list[DataSource]):
+    def read_rows(cls, recipe: Recipe, sources: list[DataSource], tokenizer=None):
         from finetune.data.classification import load_classification_rows
 
         return load_classification_rows(sources, recipe)

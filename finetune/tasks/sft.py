@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from finetune.errors import DataError
 from finetune.recipe import DataSource, Recipe
 from finetune.tasks.base import Task
 
@@ -13,30 +12,22 @@ log = logging.getLogger("finetune")
 
 
 def prepare_sft_data(recipe: Recipe, tokenizer, main_first=None):
-    """Tokenized train/eval datasets with loss masks, and the count of skipped rows."""
-    from finetune.data.rows import split_rows
-    from finetune.data.sft import load_rows, tokenize_rows
+    """Tokenized train/eval datasets with loss masks, and the count of skipped rows (bad, or with no completion
+    token within data.max_length)."""
+    from finetune.data.sft import keep_learnable, load_rows
     from finetune.paths import cache_dir
 
     chat = bool(tokenizer.chat_template)
     train = load_rows(recipe.data.train, recipe.data, chat=chat)
-    skipped = train.skipped
-    eval_rows: list[dict] = []
-    if recipe.data.eval:
-        held = load_rows(recipe.data.eval, recipe.data, chat=chat)
-        eval_rows, skipped = held.rows, skipped + held.skipped
-    train_rows = train.rows
+    held = load_rows(recipe.data.eval, recipe.data, chat=chat) if recipe.data.eval else None
     if recipe.data.eval_fraction:
-        train_rows, eval_rows = split_rows(train_rows, recipe.data.eval_fraction, recipe.data.seed)
-    if any("messages" in r for r in train_rows) and not chat:
-        raise DataError(
-            "the data holds chat `messages` but the tokenizer has no chat template: set model.chat_template "
-            "(e.g. chatml, or a path to a .jinja file)."
-        )
-    cache = cache_dir() / "tokenized"
-    kwargs = dict(tokenizer=tokenizer, train_on_inputs=recipe.data.train_on_inputs, cache=cache, on_main_first=main_first)
-    train_ds = tokenize_rows(train_rows, **kwargs)
-    eval_ds = tokenize_rows(eval_rows, **kwargs) if eval_rows else None
+        train, held = train.split(recipe.data.eval_fraction, recipe.data.seed)
+    kwargs = dict(cache=cache_dir() / "tokenized", on_main_first=main_first)
+    train, train_ds = keep_learnable(train, tokenizer, recipe.data, **kwargs)
+    skipped, eval_ds = train.skipped, None
+    if held is not None:
+        held, eval_ds = keep_learnable(held, tokenizer, recipe.data, **kwargs)
+        skipped += held.skipped
     return train_ds, eval_ds, skipped
 
 
@@ -61,10 +52,11 @@ class SFTTask(Task):
     peft_task_type = "CAUSAL_LM"
 
     @classmethod
-    def read_rows(cls, recipe: Recipe, sources: list[DataSource]):
-        from finetune.data.sft import load_rows
+    def read_rows(cls, recipe: Recipe, sources: list[DataSource], tokenizer=None):
+        from finetune.data.sft import keep_learnable, load_rows
 
-        return load_rows(sources, recipe.data, chat=True)
+        rows = load_rows(sources, recipe.data, chat=True if tokenizer is None else bool(tokenizer.chat_template))
+        return rows if tokenizer is None else keep_learnable(rows, tokenizer, recipe.data)[0]
 
     def prepare_data(self, tokenizer, model_path: str, main_first) -> None:
         # Rank 0 tokenizes first; the other ranks then read its cache instead of racing it.

@@ -36,6 +36,7 @@ class Plan:
     threads_note: str
     deepspeed: str | None
     rows_before_packing: int | None = None
+    remote_code: bool = False  # model.trust_remote_code: the checkpoint's own code runs
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +71,8 @@ class Plan:
             ("threads", f"{self.threads} per process ({self.threads_note})"),
             ("deepspeed", self.deepspeed or "off"),
         ]
+        if self.remote_code:
+            lines.append(("remote code", "ON (model.trust_remote_code) — runs code shipped with the checkpoint"))
         width = max(len(k) for k, _ in lines)
         return "\n".join(["Plan:"] + [f"  {k.ljust(width)}  {v}" for k, v in lines])
 
@@ -124,4 +127,5 @@ def make_plan(
         threads_note=runtime.threads_note,
         deepspeed=recipe.deepspeed,
         rows_before_packing=rows_before_packing,
+        remote_code=recipe.model.trust_remote_code,
     )
