@@ -239,7 +239,8 @@ def test_classification_folder_in_a_named_encoding(tiny_bert_dir, tmp_path, caps
     assert result.returncode == 3
     assert result.stderr.splitlines()[-1] == (
         f"error: {tmp_path / 'news' / 'cat' / '001.txt'}: not UTF-8 text (byte 0xfb at offset 10)  (re-encode it as "
-        "UTF-8, or set data.on_bad_row: skip to leave such files out)"
+        "UTF-8, or give the folder's encoding on the data source (encoding: latin-1), or set data.on_bad_row: skip "
+        "to leave such files out)"
     )
     data["train"] = {"path": str(tmp_path / "news"), "encoding": "latin-1"}
     result = validate_data_here(write_recipe(tmp_path, cls_recipe(tiny_bert_dir, tmp_path, data=data)), capsys)
