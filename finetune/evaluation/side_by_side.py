@@ -131,14 +131,10 @@ def _tasks(source: EvalSource, requested: list[str] | None) -> list[str]:
 
 
 def _tokenizer(source: EvalSource):
-    from transformers import AutoTokenizer
+    """The run's tokenizer (its chat template), loaded as training loads one (pad token, remote-code setting)."""
+    from finetune.models.loading import load_tokenizer, resolve_model_path
 
-    from finetune.models.loading import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir or resolve_model_path(source.recipe.model))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_tokenizer(source.recipe, str(source.tokenizer_dir or resolve_model_path(source.recipe.model)))
 
 
 def held_out_rows(source: EvalSource, data: str | None, tokenizer, limit: int | None) -> tuple[list[dict], str]:

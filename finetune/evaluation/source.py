@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import FinetuneError
+from finetune.models.loading import TOKENIZER_FILES
 from finetune.recipe import Recipe, load_recipe
 
 VARIANTS = ("base", "adapter", "merged")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 

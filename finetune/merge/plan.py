@@ -12,6 +12,7 @@ from pathlib import Path
 
 from finetune.dtypes import torch_dtype
 from finetune.errors import FinetuneError
+from finetune.models.loading import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,6 @@ TASK_CLASSES = {
     "SEQ_CLS": "AutoModelForSequenceClassification",
     "TOKEN_CLS": "AutoModelForTokenClassification",
 }
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
 HEAD_KEYS = ("score.weight", "classifier.weight", "classifier.out_proj.weight")
 
 

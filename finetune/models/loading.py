@@ -100,6 +100,10 @@ def load_base(recipe: Recipe):
     return path, load_tokenizer(recipe, path)
 
 
+# Any of these makes a folder hold a tokenizer (fast, sentencepiece, WordPiece or BPE vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def load_tokenizer(recipe: Recipe, path: str):
     from transformers import AutoTokenizer
 
@@ -110,9 +114,8 @@ def load_tokenizer(recipe: Recipe, path: str):
             path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
         )
     except (OSError, ValueError) as exc:  # not cached while offline, remote code not allowed, no tokenizer files
-        files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-        if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in files):
-            raise FinetuneError(f"model.name_or_path: {path} has no tokenizer (none of {', '.join(files)}).") from None
+        if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+            raise FinetuneError(f"model.name_or_path: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}).") from None
         raise load_failure("model.name_or_path", path, exc, what="tokenizer") from None
     if recipe.model.chat_template:
         tokenizer.chat_template = resolve_chat_template(recipe.model.chat_template)
