@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 from finetune.dtypes import torch_dtype
@@ -41,11 +43,19 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cuda_available() -> bool:
+    """`torch.cuda.is_available()`, answered without importing torch (2 s of `finetune validate`) on a Linux machine
+    with no GPU device files: torch reaches a GPU only through those of NVIDIA's driver, ROCm's or WSL's."""
+    if sys.platform == "linux" and not any(glob.glob(pattern) for pattern in ("/dev/nvidia*", "/dev/kfd", "/dev/dxg")):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_runtime(recipe: Recipe, device: str | None = None) -> Runtime:
     """Device, precision and threads for `recipe` here (`device` overrides `train.device`, as `finetune launch
     --device` does). What cannot run here is collected in `problems`, not raised, so all are reported at once."""
-    import torch
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
     rank = int(os.environ.get("RANK", "0"))
@@ -53,7 +63,7 @@ def resolve_runtime(recipe: Recipe, device: str | None = None) -> Runtime:
 
     problems = []
     wanted = device or train.device
-    has_cuda = torch.cuda.is_available()
+    has_cuda = cuda_available()
     if wanted == "cuda" and not has_cuda:
         problems.append("train.device: cuda, but no CUDA GPU is visible. Use train.device: auto or cpu.")
     device = "cuda" if (wanted == "auto" and has_cuda) or (wanted == "cuda" and has_cuda) else "cpu"
@@ -61,7 +71,7 @@ def resolve_runtime(recipe: Recipe, device: str | None = None) -> Runtime:
     precision, precision_note = train.precision, ""
     if precision == "auto":
         if device == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            precision = "bf16" if _bf16_gpu() else "fp16"
         else:
             # bf16 autocast on CPUs is emulated unless the matmul kernels use AMX; measured 2x slower than fp32
             # on AVX-512 machines here, so fp32 is the default and bf16 stays an explicit choice.
@@ -69,7 +79,7 @@ def resolve_runtime(recipe: Recipe, device: str | None = None) -> Runtime:
             precision_note = "CPU: fp32 (bf16 is slower on CPUs without AMX; set train.precision: bf16 to force it)"
     if device == "cpu" and precision == "fp16":
         problems.append("train.precision: fp16 needs a GPU (fp16 mixed precision is not supported on CPU); use fp32 or bf16.")
-    if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if device == "cuda" and precision == "bf16" and not _bf16_gpu():
         problems.append("train.precision: bf16, but this GPU does not support bf16; use fp16 or auto.")
 
     threads, note = _threads(train.num_threads, local_world)
@@ -79,6 +89,12 @@ def resolve_runtime(recipe: Recipe, device: str | None = None) -> Runtime:
             # Measured here: with the cores busy, 2 threads ran 5-7x slower than 1 (threads wait on each other).
             note += f"; machine busy (load {load:.1f} on {available_cores()} cores): fewer threads may be faster"
     return Runtime(device, precision, threads, world, local_world, rank, note, precision_note, tuple(problems))
+
+
+def _bf16_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
 
 
 def _threads(requested: int | None, local_world: int) -> tuple[int, str]:

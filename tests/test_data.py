@@ -188,9 +188,9 @@ def test_template_without_end_of_turn_is_reported(tiny_tokenizer_dir):
 
 def test_token_cache_is_keyed_by_content(tokenizer, tmp_path):
     rows = [normalise_row(CHAT, "messages", None, chat=True)]
-    first = tokenize_rows(rows, tokenizer, False, cache=tmp_path)
+    first, _ = tokenize_rows(rows, tokenizer, False, cache=tmp_path)
     assert len(list(tmp_path.iterdir())) == 1
-    again = tokenize_rows(rows, tokenizer, False, cache=tmp_path)
+    again, _ = tokenize_rows(rows, tokenizer, False, cache=tmp_path)
     assert again["input_ids"] == first["input_ids"] and len(list(tmp_path.iterdir())) == 1
     tokenize_rows(rows, tokenizer, True, cache=tmp_path)  # other masking → other entry
     changed = [{"messages": [*rows[0]["messages"][:1], {"role": "assistant", "content": "rome"}]}]

@@ -44,14 +44,19 @@ def validate_command(recipe: Recipe, path: str, check_rows: bool = False) -> int
 
 
 def base_tokenizer(recipe: Recipe):
-    """The base model's tokenizer, and nothing else of the model: a GGUF's tokenizer is read from the file's
-    metadata, not converted with the weights."""
+    """The base model's tokenizer, and nothing else of the model: a GGUF's tokenizer comes from its conversion when
+    a run has made one, else from the file's metadata (the weights are not converted for a check)."""
+    from finetune.models.gguf import converted_folder
     from finetune.models.loading import load_tokenizer
 
     name = recipe.model.name_or_path
     folder = str(resolve_package_path(name)) if name.startswith(PACKAGE_SCHEME) else name
     if not recipe.model.gguf_file:
         return load_tokenizer(recipe, folder)
+    source = Path(folder) / recipe.model.gguf_file
+    if source.is_file() and (converted_folder(source) / "config.json").is_file():
+        # Converted by an earlier run: the tokenizer training loads, without reading the GGUF's metadata (seconds).
+        return load_tokenizer(recipe, str(converted_folder(source)))
     from transformers import AutoTokenizer
 
     from finetune.models.templates import resolve_chat_template

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from finetune.data.cache import fingerprint
 from finetune.errors import DataError, FinetuneError
 from finetune.paths import PACKAGE_SCHEME, cache_dir, resolve_package_path
 from finetune.recipe import DataSource
@@ -279,6 +280,8 @@ class Rows:
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
     origins: list[str] = field(default_factory=list)  # "FILE, row N" of each row, for problems found later
+    # Names these rows' content (their files' bytes and reading options) without hashing every row; None: unknown.
+    fingerprint: str | None = None
 
     def add(self, origin: str, build: Callable[[], dict], on_bad_row: str) -> None:
         """Append the row `build` returns; its ValueError is the row's problem: raised with `origin`, or counted."""
@@ -304,9 +307,13 @@ class Rows:
     def split(self, fraction: float, seed: int) -> tuple[Rows, Rows]:
         """`split_rows` keeping each row's origin; what was skipped stays with the first part."""
         kept, held = split_rows(list(zip(self.rows, self.origins)), fraction, seed)
+
+        def part(side: str) -> str | None:
+            return fingerprint(self.fingerprint, "split", fraction, seed, side) if self.fingerprint else None
+
         return (
-            Rows([r for r, _ in kept], self.skipped, self.problems, [o for _, o in kept]),
-            Rows([r for r, _ in held], origins=[o for _, o in held]),
+            Rows([r for r, _ in kept], self.skipped, self.problems, [o for _, o in kept], part("kept")),
+            Rows([r for r, _ in held], origins=[o for _, o in held], fingerprint=part("held")),
         )
 
 

@@ -5,19 +5,21 @@ Rows are normalised to one of three shapes before tokenization:
 - `prompt`/`completion`: plain text pair; loss on the completion.
 - `text`: raw text; loss on everything.
 Masking is done here, not by the trainer, so it works with any chat template (no `{% generation %}` markers needed)
-and can be tested directly.
+and can be tested directly. Checked rows and their tokens are cached (`finetune.data.cache`): a second run of the
+same files reads two entries instead of reading, templating and tokenizing every row again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
-from finetune.data.rows import Rows, read_source
-from finetune.errors import DataError
+from finetune.data.cache import (
+    code_digest, file_digest, fingerprint, read_dataset, read_json, tokenizer_fingerprint, write_dataset, write_json,
+)
+from finetune.data.rows import Rows, is_local, local_path, read_source
+from finetune.errors import DataError, FinetuneError
+from finetune.paths import cache_dir
 from finetune.recipe import DataConfig, DataSource
 
 log = logging.getLogger(__name__)
@@ -132,8 +134,61 @@ def _check_one_format(row: dict, fmt: str) -> None:
         )
 
 
-def load_rows(sources: list[DataSource], config: DataConfig, chat: bool, base_dir: Path | None = None) -> Rows:
-    """Read and validate every row of `sources`; bad rows raise (or are skipped and counted, per `on_bad_row`)."""
+def load_rows(
+    sources: list[DataSource], config: DataConfig, chat: bool, base_dir: Path | None = None, cache: Path | bool = True
+) -> Rows:
+    """Read and validate every row of `sources`; bad rows raise (or are skipped and counted, per `on_bad_row`).
+
+    The checked rows, and what was skipped and why, are kept in `cache` (default: the kit's cache folder; False for
+    none) under a key of the files' bytes and the options that shape rows, so a second run of the same data reads
+    one JSON file instead of every row through `datasets`, and reports the same skipped rows. Hub datasets and
+    folders are read every time (their content has no cheap fingerprint).
+    """
+    folder = cache_dir() / "rows" if cache is True else (cache or None)
+    key = rows_key(sources, config, chat, base_dir) if folder is not None else None
+    entry = folder / f"{key}.json" if key else None
+    cached = read_json(entry, _rows_entry_ok) if entry is not None else None
+    if cached is not None:
+        return Rows(cached["rows"], cached["skipped"], cached["problems"], cached["origins"], key).checked(sources)
+    out = _read_rows(sources, config, chat, base_dir).checked(sources)
+    out.fingerprint = key
+    if entry is not None:
+        write_json(entry, {"rows": out.rows, "origins": out.origins, "skipped": out.skipped, "problems": out.problems})
+    return out
+
+
+def rows_key(sources: list[DataSource], config: DataConfig, chat: bool, base_dir: Path | None = None) -> str | None:
+    """What the checked rows of `sources` depend on: each file's bytes and source options, the row options, and the
+    code that reads and normalises rows. None when a source is not a local file."""
+    digests = []
+    for source in sources:
+        try:
+            path = local_path(source, base_dir) if is_local(source) else None
+        except FinetuneError:  # a package that is not installed: reading the rows says so
+            return None
+        if path is None or not path.is_file():
+            return None
+        digests.append(file_digest(path))
+    options = [s.model_dump(mode="json") for s in sources]
+    return fingerprint("rows", _code(), options, digests, config.system_prompt, config.on_bad_row, chat)
+
+
+def _code() -> str:
+    """The modules whose code decides what an entry holds."""
+    from finetune.data import cache, rows
+
+    return code_digest(__file__, rows.__file__, cache.__file__)
+
+
+def _rows_entry_ok(entry) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    rows, origins, problems = entry.get("rows"), entry.get("origins"), entry.get("problems")
+    lists = all(isinstance(value, list) for value in (rows, origins, problems))
+    return lists and len(rows) == len(origins) and isinstance(entry.get("skipped"), int)
+
+
+def _read_rows(sources: list[DataSource], config: DataConfig, chat: bool, base_dir: Path | None = None) -> Rows:
     out = Rows(rows=[])
     for source in sources:
         ds = read_source(source, base_dir)
@@ -150,7 +205,7 @@ def load_rows(sources: list[DataSource], config: DataConfig, chat: bool, base_di
                 return normalise_row(row, fmt, config.system_prompt, chat)
 
             out.add(f"{source.path}, row {index + offset}", build, config.on_bad_row)
-    return out.checked(sources)
+    return out
 
 
 def tokenize_row(row: dict, tokenizer, train_on_inputs: bool) -> dict:
@@ -192,11 +247,10 @@ def keep_learnable(rows: Rows, tokenizer, config: DataConfig, cache: Path | None
     row left stops the run.
     """
     needs_chat_template(rows.rows, tokenizer)
-    ds = tokenize_rows(rows.rows, tokenizer, config.train_on_inputs, cache, on_main_first)
+    ds, first_loss = tokenize_rows(rows.rows, tokenizer, config.train_on_inputs, cache, on_main_first, rows.fingerprint)
     limit = config.max_length
     cut = []  # (index, why) of rows with nothing to learn within the window
-    for index, labels in enumerate(ds["labels"]):
-        first = first_loss_token(labels)
+    for index, first in enumerate(first_loss):
         if first is None or first >= limit:
             where = f"the prompt alone is {first} tokens" if first is not None else "no token carries a loss"
             cut.append((index, f"{rows.origins[index]}: no completion token within data.max_length={limit} ({where})"))
@@ -294,47 +348,45 @@ def check_stop_token(tokenizer, generation_config) -> tuple[list[int], str | Non
     return [*eos_ids, turn_end], note
 
 
-def fingerprint(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(json.dumps(part, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
+def tokenize_rows(
+    rows: list[dict], tokenizer, train_on_inputs: bool, cache: Path | None = None, on_main_first=None,
+    rows_fingerprint: str | None = None,
+):
+    """A tokenized `datasets.Dataset` (`input_ids`, `labels`) and each row's first loss token (None: no token carries
+    a loss), cached under `cache`.
 
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    return fingerprint(vocab, tokenizer.chat_template, tokenizer.eos_token, tokenizer.bos_token, type(tokenizer).__name__)
-
-
-def tokenize_rows(rows: list[dict], tokenizer, train_on_inputs: bool, cache: Path | None = None, on_main_first=None):
-    """A tokenized `datasets.Dataset` (`input_ids`, `labels`), cached under `cache` keyed by content.
-
-    The key covers the rows themselves, the tokenizer (vocab, template, specials) and the masking option, so a
-    changed file or template never reuses stale tokens. `on_main_first` (accelerate's `main_process_first`) makes
-    rank 0 tokenize while the other ranks wait, then load the cache, instead of all ranks tokenizing at once.
+    The key covers the rows (`rows_fingerprint` from `load_rows`, else a hash of the rows themselves), the tokenizer
+    (vocab, template, specials), the masking option, the tokenizing libraries and this code, so a changed file or
+    template never reuses stale tokens. `data.max_length` is not in it: tokens do not depend on it, and the rows it
+    cuts are found from the first loss tokens. `on_main_first` (accelerate's `main_process_first`) makes rank 0
+    tokenize while the other ranks wait, then load the cache, instead of all ranks tokenizing at once.
     """
     import contextlib
 
     import datasets
+    import tokenizers
+    import transformers
 
-    key = fingerprint(rows, tokenizer_fingerprint(tokenizer), train_on_inputs, "v1")
-    path = cache / key if cache is not None else None
+    folder = None
+    if cache is not None:
+        content = rows_fingerprint or fingerprint(rows)
+        versions = (transformers.__version__, tokenizers.__version__)
+        key = fingerprint("tokens", _code(), content, tokenizer_fingerprint(tokenizer), train_on_inputs, versions)
+        folder = cache / key
     ctx = on_main_first() if on_main_first is not None else contextlib.nullcontext()
     with ctx:
-        if path is not None and (path / "dataset_info.json").is_file():
-            return datasets.load_from_disk(str(path))
-        ds = datasets.Dataset.from_list([tokenize_row(r, tokenizer, train_on_inputs) for r in rows])
-        if path is not None:
-            import os
-            import shutil
+        hit = read_dataset(folder, len(rows), _first_loss_ok) if folder is not None else None
+        if hit is not None:
+            return hit[0], hit[1]["first_loss"]
+        encoded = [tokenize_row(r, tokenizer, train_on_inputs) for r in rows]
+        first_loss = [first_loss_token(e["labels"]) for e in encoded]
+        ds = datasets.Dataset.from_list(encoded)
+        if folder is not None:
+            ds = write_dataset(folder, ds, {"first_loss": first_loss})
+        return ds, first_loss
 
-            tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-            ds.save_to_disk(str(tmp))
-            try:
-                tmp.rename(path)
-            except OSError:  # another process (e.g. another node's main rank) finished first: use its copy
-                shutil.rmtree(tmp, ignore_errors=True)
-            ds = datasets.load_from_disk(str(path))
-        return ds
+
+def _first_loss_ok(meta: dict) -> bool:
+    first_loss = meta.get("first_loss")
+    ok = isinstance(first_loss, list) and len(first_loss) == meta["rows"]
+    return ok and all(f is None or isinstance(f, int) for f in first_loss)

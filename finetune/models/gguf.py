@@ -14,6 +14,13 @@ from finetune.paths import cache_dir
 log = logging.getLogger(__name__)
 
 
+def converted_folder(source: Path) -> Path:
+    """Where the conversion of the GGUF file `source` is cached (it holds config.json once complete)."""
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{source.stem}-{key}"
+
+
 def convert_gguf(folder: Path, gguf_file: str) -> Path:
     """Dequantize a GGUF checkpoint into a safetensors folder once; later calls return the cached folder.
 
@@ -29,9 +36,7 @@ def convert_gguf(folder: Path, gguf_file: str) -> Path:
         found = sorted(p.name for p in folder.glob("*.gguf")) if folder.is_dir() else []
         hint = f" GGUF files there: {', '.join(found)}." if found else ""
         raise FinetuneError(f"model.gguf_file: {source} not found.{hint}")
-    stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    target = cache_dir() / "gguf" / f"{source.stem}-{key}"
+    target = converted_folder(source)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
