@@ -198,6 +198,11 @@ class DataConfig(Section):
     seed: int = Field(42, ge=0, lt=2**32, description="Seed for shuffling and the held-out split.")
     max_length: int = Field(1024, gt=0, le=1_048_576, description="Maximum tokens per example; longer examples are truncated.")
     packing: bool = Field(False, description="Pack several examples into each sequence of `max_length` tokens.")
+    padding_free: bool = Field(
+        True,
+        description="SFT: put each batch's examples back to back in one row instead of padding them to the longest, "
+        "each attending only to itself; no compute is spent on padding and the loss is the same. `false`: padded batches.",
+    )
     train_on_inputs: bool = Field(
         False,
         description="Compute the loss on prompts/user turns too. Default: loss on completions and assistant turns only.",

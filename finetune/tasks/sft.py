@@ -28,7 +28,24 @@ def prepare_sft_data(recipe: Recipe, tokenizer, main_first=None):
     if held is not None:
         held, eval_ds = keep_learnable(held, tokenizer, recipe.data, **kwargs)
         skipped += held.skipped
-    return train_ds, eval_ds, skipped
+    limit = recipe.data.max_length
+    return truncate(train_ds, limit), truncate(eval_ds, limit), skipped
+
+
+def truncate(dataset, max_length: int):
+    """Rows cut to their first `max_length` tokens, as TRL cuts them (`keep_start`). Done here because TRL does not
+    cut rows in padding-free mode, and so that both modes train on the same tokens."""
+    import pyarrow.compute as pc
+    from datasets import Dataset
+
+    if dataset is None:
+        return None
+    table = dataset.data.table  # Arrow, column-wise: a Python loop over 10k rows took 10x longer
+    if pc.max(pc.list_value_length(table.column("input_ids"))).as_py() <= max_length:
+        return dataset
+    for key in ("input_ids", "labels"):
+        table = table.set_column(table.schema.get_field_index(key), key, pc.list_slice(table.column(key), 0, max_length))
+    return Dataset(table)
 
 
 def keep_trainable_fp32(model) -> None:
@@ -46,10 +63,55 @@ def keep_trainable_fp32(model) -> None:
             param.data = param.data.float()
 
 
+def sft_trainer_class():
+    """TRL's SFTTrainer, with the loss projected through the LM head only where labels are (see training/loss.py)."""
+    import torch
+    from trl import SFTTrainer
+
+    from finetune.training.loss import IGNORE_INDEX, completion_loss, supports_positions
+
+    class CompletionLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not hasattr(self, "_positions"):
+                self._positions = supports_positions(self.model)
+            plain_nll = (
+                not return_outputs and self.args.loss_type == "nll" and self.label_smoother is None
+                and self.compute_loss_func is None and not self.aux_loss_enabled and self._positions
+            )  # fmt: skip
+            if not plain_nll:  # what only TRL's own loss does: logits returned, DFT, label smoothing, MoE, ...
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, logits, targets = completion_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # As the Trainer and TRL do: num_items_in_batch counts every rank's tokens and DDP averages gradients.
+                loss = loss * self.accelerator.num_processes
+            self._log_batch(inputs, logits, targets)
+            return loss
+
+        def _log_batch(self, inputs, logits, targets) -> None:
+            """TRL's per-batch metrics: token accuracy on the labelled positions, and tokens trained on. (TRL also
+            logs the entropy of the predictions; that needs a softmax over the vocabulary per token, left out.)"""
+            mode = "train" if self.model.training else "eval"
+            gather = self.accelerator.gather_for_metrics
+            with torch.no_grad():
+                valid = targets.reshape(-1) != IGNORE_INDEX
+                correct = (logits.reshape(-1, logits.size(-1)).argmax(-1) == targets.reshape(-1)) & valid
+                total, right = gather(valid.sum()).sum(), gather(correct.sum()).sum()
+            self._metrics[mode]["mean_token_accuracy"].append((right / total).item() if total > 0 else 0.0)
+            if mode == "train":
+                mask = inputs.get("attention_mask")
+                tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+                self._total_train_tokens += gather(tokens.to(self.args.device)).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    return CompletionLossSFTTrainer
+
+
 class SFTTask(Task):
     """Causal LM on chats, prompt/completion pairs or texts, loss on the completions; trained by TRL's SFTTrainer."""
 
     peft_task_type = "CAUSAL_LM"
+    padding_free = False  # decided in prepare_model, once the model's attention is known
+    batching_note = ""
 
     @classmethod
     def read_rows(cls, recipe: Recipe, sources: list[DataSource], tokenizer=None):
@@ -68,8 +130,25 @@ class SFTTask(Task):
         return AutoModelForCausalLM
 
     def prepare_model(self, model, tokenizer) -> list[str]:
-        """Generation must stop on the chat template's end-of-turn token, or the fine-tuned model rambles on."""
+        """Generation must stop on the chat template's end-of-turn token, or the fine-tuned model rambles on.
+        Padding-free batches need attention that keeps the examples of a row apart at the cost of each."""
         from finetune.data.sft import check_stop_token
+        from finetune.models.attention import PACKED_SDPA, use_packed_sdpa
+
+        self.padding_free = self.recipe.data.padding_free and not self.recipe.data.packing
+        if self.padding_free:
+            use_packed_sdpa(model)
+            attention = model.config._attn_implementation
+            if attention not in (PACKED_SDPA, "eager") and "flash" not in attention:
+                self.padding_free = False
+                self.batching_note = (
+                    f"padded (data.padding_free needs attention that keeps packed examples apart; this model runs "
+                    f"{attention!r} and cannot switch to SDPA per example)"
+                )
+            else:
+                self.batching_note = f"padding-free (examples back to back, attention per example: {attention})"
+        else:
+            self.batching_note = "packed into max_length rows (data.packing)" if self.recipe.data.packing else "padded"
 
         eos_ids, note = check_stop_token(tokenizer, model.generation_config)
         if note and self.runtime.is_main:
@@ -83,12 +162,19 @@ class SFTTask(Task):
         from trl import SFTConfig
 
         data = self.recipe.data
-        return SFTConfig, {"max_length": data.max_length, "packing": data.packing, "dataset_num_proc": None}
+        arguments = {"max_length": data.max_length, "packing": data.packing, "dataset_num_proc": None}
+        if self.padding_free:
+            # Rows are cut to max_length in prepare_sft_data (TRL refuses a max_length it would not enforce). A
+            # padding-free batch has no padding, so every token counts (the non-padding count compares ids with the
+            # pad id, which may be eos and so also a real token).
+            arguments.update(max_length=None, padding_free=True, include_num_input_tokens_seen="all")
+        return SFTConfig, arguments
+
+    def plan_lines(self) -> list[tuple[str, str]]:
+        return [("batches", self.batching_note)]
 
     def build_trainer(self, model, args, tokenizer, callbacks: list):
-        from trl import SFTTrainer
-
-        trainer = SFTTrainer(
+        trainer = sft_trainer_class()(
             model=model,
             args=args,
             train_dataset=self.train_dataset,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
+
+from transformers import TrainerCallback
 
 from finetune.errors import FinetuneError
 from finetune.recipe import Recipe
@@ -14,7 +17,7 @@ def run_callbacks(recipe: Recipe, extra=()) -> list:
 
     from finetune.distributed.zero import PARTITION_REPORT_ENV
 
-    found = list(extra)
+    found = [*extra, TrainingClock()]
     if recipe.is_quantized:
         found.append(quantized_weights_guard())
     if recipe.train.early_stopping_patience:
@@ -22,6 +25,41 @@ def run_callbacks(recipe: Recipe, extra=()) -> list:
     if os.environ.get(PARTITION_REPORT_ENV):
         found.append(partition_reporter(os.environ[PARTITION_REPORT_ENV]))
     return found
+
+
+def training_clock(trainer):
+    """The run's `TrainingClock` (every run has one; see `run_callbacks`)."""
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TrainingClock))
+
+
+class TrainingClock(TrainerCallback):
+    """Seconds spent training (batches, forward, backward, optimizer) and the tokens trained in them, leaving out
+    evaluation and checkpoint saving; a resumed run counts its own steps only.
+
+    The Trainer's `train_runtime` includes every evaluation, so its tokens/s fell as eval data grew. Each step is
+    timed from the end of the previous step's logging, evaluation or saving to its own end.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.tokens = 0
+        self._mark: float | None = None
+        self._tokens_at_start: int | None = None
+
+    def _now(self, *args, **kwargs):
+        self._mark = time.perf_counter()
+
+    on_train_begin = on_log = on_evaluate = on_save = _now
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._tokens_at_start is None:  # the Trainer restores a resumed run's count after on_train_begin
+            self._tokens_at_start = state.num_input_tokens_seen or 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.seconds += now - (self._mark or now)
+        self._mark = now
+        self.tokens = (state.num_input_tokens_seen or 0) - (self._tokens_at_start or 0)
 
 
 def quantized_weights_guard():

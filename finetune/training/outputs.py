@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from finetune.recipe import Recipe, save_recipe
+from finetune.training.callbacks import training_clock
 
 
 def write_json(path: Path, payload: dict) -> Path:
@@ -68,8 +69,12 @@ def save_run_files(trainer, recipe: Recipe, out: Path, plan, extra: dict | None 
     train_logs = [h for h in history if "train_runtime" in h]
     summary = dict(train_logs[-1]) if train_logs else {}
     seen = trainer.state.num_input_tokens_seen or 0
-    if summary.get("train_runtime"):
-        summary["tokens_per_second"] = round(seen / summary["train_runtime"], 2)
+    clock = training_clock(trainer)
+    if clock.seconds:
+        # Training only: the Trainer's train_runtime also counts evaluations and checkpoint saving.
+        summary["training_seconds"] = round(clock.seconds, 3)
+        summary["training_tokens"] = clock.tokens
+        summary["tokens_per_second"] = round(clock.tokens / clock.seconds, 2)
     losses = [h["loss"] for h in history if "loss" in h]
     metrics = {
         "plan": plan.as_dict(),
