@@ -50,7 +50,9 @@ class Measured:
 
 def run_measured(cmd: list[str], env: dict | None = None, cwd: Path | None = None, timeout: float | None = None) -> Measured:
     """Run `cmd` and measure it. Peak RSS comes from `wait4`'s rusage of this one child, which Linux reports as the
-    largest of the child and the descendants it waited for (so a launcher's training process counts)."""
+    largest of the child and the descendants it waited for (so a launcher's training process counts). It counts
+    this process's RSS at the fork too (exec keeps the high-water mark): measure from a parent that has not imported
+    torch, or every child reads at least as large as it."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, text=True)
@@ -90,9 +92,14 @@ def matmul_gflops(threads: int, n: int = 2048, repeats: int = 7) -> float:
 
 
 def machine() -> dict:
-    """What the figures were measured on."""
-    import torch
+    """What the figures were measured on. Torch's version comes from its metadata, not an import: the measuring
+    process must stay small, since a child's peak RSS (from `wait4`) starts at its parent's (exec keeps the mark)."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = None
     cpu = ""
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
@@ -103,7 +110,7 @@ def machine() -> dict:
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": torch_version,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 

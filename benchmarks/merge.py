@@ -1,12 +1,13 @@
-"""Benchmark `finetune merge`'s streaming path against PEFT `merge_and_unload()` + `save_pretrained`.
+"""Peak RSS and time of `finetune merge`'s streaming path against PEFT `merge_and_unload()` + `save_pretrained`.
 
-Writes a synthetic Llama-shaped bf16 model of about `--params` parameters (random weights, several shards,
-written shard by shard so this script stays small) and a rank-16 all-linear LoRA adapter, then merges it both
-ways, each in its own subprocess, and prints a markdown table of peak RSS (the child's own high-water mark,
-VmHWM) and wall time, plus how far the two outputs are apart.
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.merge --verify                       # ~1B parameters, ~7 GB of disk
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.merge --params 1e8 --rounds 1        # quick
 
-    OMP_NUM_THREADS=2 python scripts/bench_merge.py               # ~1B parameters, ~7 GB of disk in a temp folder
-    OMP_NUM_THREADS=2 python scripts/bench_merge.py --params 1e8  # quick
+A child writes a synthetic Llama-shaped bf16 model of about `--params` parameters (random weights, several shards,
+one shard in memory at a time) and a rank-16 all-linear LoRA adapter; then, per round, each path merges it in a
+child of its own, and the two outputs are compared tensor by tensor. Peak RSS is the child's (wait4), which Linux
+floors at the parent's own peak when the child starts: so the parent never holds a model, and the synthetic model
+is written by a child too.
 """
 
 from __future__ import annotations
@@ -15,19 +16,19 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.common import BENCH_PREFIX, REPO, fmt, machine, median, offline_env, print_table, run_measured, write_results
+
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-# --------------------------------------------------------------------------------------------
-# Synthetic inputs
-# --------------------------------------------------------------------------------------------
+PATHS = {
+    "streaming": "streaming (`finetune merge --no-verify`)",
+    "plain": "PEFT `merge_and_unload()` + `save_pretrained`",
+    "streaming+verify": "streaming + verification",
+}
 
 
 def llama_shape(params: float) -> dict:
@@ -112,26 +113,18 @@ def write_adapter(folder: Path, base: Path, shape: dict, rank: int) -> int:
     return sum(t.nbytes for t in tensors.values())
 
 
-# --------------------------------------------------------------------------------------------
-# One merge per subprocess
-# --------------------------------------------------------------------------------------------
+def write_inputs(work: Path, params: float, rank: int, shard_size: str) -> dict:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    shape = llama_shape(params)
+    total = write_base(work / "base", shape, convert_file_size_to_int(shard_size))
+    adapter_bytes = write_adapter(work / "adapter", work / "base", shape, rank)
+    shards = len(list((work / "base").glob("*.safetensors")))
+    return {"params": total, "shape": shape, "shards": shards, "adapter_bytes": adapter_bytes}
 
 
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    """This process's RSS high-water mark. Not getrusage's ru_maxrss: Linux carries that across fork + exec, so a
-    child would report at least its parent's size (here: the parent that wrote the synthetic model)."""
-    with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return kib * 1024
-
-
-def run_arm(arm: str, base: Path, adapter: Path, out: Path) -> dict:
-    """The child: import, merge, report its own peak RSS and timings as one JSON line."""
+def merge(path: str, work: Path) -> dict:
+    """One merge; the time excludes the imports, which are the same for every path."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401 (resolves the lazy import now)
@@ -139,31 +132,17 @@ def run_arm(arm: str, base: Path, adapter: Path, out: Path) -> dict:
     from finetune.merge import lora, plan, streaming, verify  # noqa: F401 (likewise)
     from finetune.merge.merging import merge_adapter
 
-    after_imports = rss_now()  # both arms import the same, so timings below are merging, not importing
+    with open("/proc/self/statm") as f:
+        after_imports = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    out = work / f"out-{path}"
     started = time.perf_counter()
-    if arm == "plain":
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if path == "plain":
+        model = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.bfloat16)
+        model = PeftModel.from_pretrained(model, work / "adapter").merge_and_unload()
         model.save_pretrained(out, max_shard_size="5GB")
     else:
-        merge_adapter(adapter, out, dtype="bf16", verify=arm == "streaming+verify", max_shard_size="5GB")
-    return {
-        "arm": arm,
-        "seconds": time.perf_counter() - started,
-        "rss_after_imports": after_imports,
-        "peak_rss": peak_rss(),
-    }
-
-
-def measure(arm: str, base: Path, adapter: Path, out: Path) -> dict:
-    started = time.perf_counter()
-    command = [sys.executable, __file__, "--arm", arm, "--base", str(base), "--adapter", str(adapter), "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    if done.returncode != 0:
-        raise SystemExit(f"{arm} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["wall"] = time.perf_counter() - started
-    return result
+        merge_adapter(work / "adapter", out, dtype="bf16", verify=path == "streaming+verify", max_shard_size="5GB")
+    return {"merge_s": time.perf_counter() - started, "rss_after_imports_mb": after_imports}
 
 
 def compare(a: Path, b: Path) -> tuple[int, int, float]:
@@ -188,65 +167,62 @@ def compare(a: Path, b: Path) -> tuple[int, int, float]:
     return len(left), same, worst
 
 
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=1e9, help="Approximate model size (default 1e9).")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--shard-size", default="500MB", help="Base checkpoint shard size (default 500MB).")
     parser.add_argument("--verify", action="store_true", help="Also time a streaming merge with verification on.")
-    parser.add_argument("--workdir", help="Folder for the synthetic model and outputs (default: a temp folder, removed).")
-    parser.add_argument("--arm", help=argparse.SUPPRESS)
-    parser.add_argument("--base", help=argparse.SUPPRESS)
-    parser.add_argument("--adapter", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, help="Folder for the synthetic model and outputs (default: a temp folder, removed).")
+    parser.add_argument("--out", type=Path, help="JSON figures (default benchmarks/results/merge.json).")
+    parser.add_argument("--child", nargs=2, metavar=("WHAT", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.arm:
-        print(json.dumps(run_arm(args.arm, Path(args.base), Path(args.adapter), Path(args.out))))
+    if args.child:
+        what, work = args.child[0], Path(args.child[1])
+        result = write_inputs(work, args.params, args.rank, args.shard_size) if what == "write" else merge(what, work)
+        print(BENCH_PREFIX + json.dumps(result))
         return
 
-    from transformers.utils.hub import convert_file_size_to_int
-
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-merge-"))
+    info = machine()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-merge-"))
+    child = [sys.executable, "-m", "benchmarks.merge", "--params", str(args.params), "--rank", str(args.rank),
+             "--shard-size", args.shard_size, "--child"]  # fmt: skip
     try:
-        shape = llama_shape(args.params)
-        t0 = time.perf_counter()
-        params = write_base(work / "base", shape, convert_file_size_to_int(args.shard_size))
-        adapter_bytes = write_adapter(work / "adapter", work / "base", shape, args.rank)
-        shards = len(list((work / "base").glob("*.safetensors")))
-        print(
-            f"Synthetic Llama: {params / 1e9:.3f}B parameters ({shape['num_hidden_layers']} layers, hidden "
-            f"{shape['hidden_size']}), bf16, {shards} shards of ~{args.shard_size}; rank-{args.rank} all-linear "
-            f"adapter {adapter_bytes / 2**20:.0f} MiB (fp32). Written in {time.perf_counter() - t0:.0f} s.",
-            file=sys.stderr,
-        )
-        arms = ["streaming", "plain"] + (["streaming+verify"] if args.verify else [])
-        results = {arm: measure(arm, work / "base", work / "adapter", work / f"out-{arm}") for arm in arms}
+        written = run_measured([*child, "write", str(work)], env=offline_env(), cwd=REPO).check("writing the synthetic model")
+        inputs = written.report
+        print(f"Synthetic Llama: {inputs['params'] / 1e9:.3f}B parameters ({inputs['shape']['num_hidden_layers']} layers, "
+              f"hidden {inputs['shape']['hidden_size']}), bf16, {inputs['shards']} shards of ~{args.shard_size}; rank-{args.rank} "
+              f"all-linear adapter {inputs['adapter_bytes'] / 2**20:.0f} MiB (fp32). Written in {written.wall_s:.0f} s.", file=sys.stderr)  # fmt: skip
+        paths = ["streaming", "plain"] + (["streaming+verify"] if args.verify else [])
+        rounds = []
+        for n in range(args.rounds):
+            print(f"round {n + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
+            for path in paths:
+                shutil.rmtree(work / f"out-{path}", ignore_errors=True)
+                m = run_measured([*child, path, str(work)], env=offline_env(), cwd=REPO).check(path)
+                rounds.append({"round": n + 1, "path": path, "wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb, **m.report})
         tensors, same, worst = compare(work / "out-streaming", work / "out-plain")
-
-        threads = os.environ.get("OMP_NUM_THREADS", "unset")
-        print(f"\n{params / 1e9:.2f}B-parameter bf16 Llama, rank-{args.rank} all-linear LoRA, OMP_NUM_THREADS={threads}\n")
-        print("| path | peak RSS | RSS after imports | merge time | wall time (with imports) |")
-        print("| --- | --- | --- | --- | --- |")
-        labels = {
-            "streaming": "streaming (`finetune merge --no-verify`)",
-            "plain": "PEFT `merge_and_unload()` + `save_pretrained`",
-            "streaming+verify": "streaming + verification",
-        }
-        for arm, r in results.items():
-            print(f"| {labels[arm]} | {gib(r['peak_rss'])} | {gib(r['rss_after_imports'])} | {r['seconds']:.1f} s | {r['wall']:.1f} s |")
-        s, p = results["streaming"], results["plain"]
-        print(
-            f"\nStreaming / plain: peak RSS {s['peak_rss'] / p['peak_rss']:.2f}x, merge time {s['seconds'] / p['seconds']:.2f}x. "
-            f"Outputs: {same}/{tensors} tensors bit-identical, max |difference| {worst:.3g}."
-        )
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+    figures = {p: {k: median([r[k] for r in rounds if r["path"] == p]) for k in ("peak_rss_mb", "rss_after_imports_mb", "merge_s", "wall_s")}
+               for p in paths}  # fmt: skip
+    print(f"\n{info['cpu']}, {info['cores']} cores, load average {fmt(info['load_average_at_start'], 2)} at start, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; {inputs['params'] / 1e9:.2f}B-parameter bf16 Llama, "
+          f"rank-{args.rank} all-linear LoRA; median of {args.rounds} round(s)\n")  # fmt: skip
+    print_table(["path", "peak RSS", "RSS after imports", "merge time", "wall time (with imports)"], [
+        [PATHS[p], f"{f['peak_rss_mb'] / 1024:.2f} GiB", f"{f['rss_after_imports_mb'] / 1024:.2f} GiB", f"{f['merge_s']:.1f} s", f"{f['wall_s']:.1f} s"]
+        for p, f in figures.items()
+    ])  # fmt: skip
+    s, p = figures["streaming"], figures["plain"]
+    print(f"\nStreaming / plain: peak RSS {s['peak_rss_mb'] / p['peak_rss_mb']:.2f}x, merge time {s['merge_s'] / p['merge_s']:.2f}x. "
+          f"Outputs: {same}/{tensors} tensors bit-identical, max |difference| {worst:.3g}.")  # fmt: skip
+    info["load_average_at_end"] = os.getloadavg()[0]
+    outputs = {"tensors": tensors, "bit_identical": same, "max_abs_difference": worst}
+    write_results("merge", {"machine": info, "args": vars(args), "inputs": inputs, "figures": figures, "outputs": outputs, "rounds": rounds}, args.out)
 
 
 if __name__ == "__main__":
