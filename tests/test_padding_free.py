@@ -139,3 +139,30 @@ def test_completion_loss_equals_trls(tiny_llama_dir, tmp_path, padding_free):
     assert grads["kit"][1].keys() == grads["trl"][1].keys() and grads["kit"][1]
     for name, grad in grads["kit"][1].items():
         torch.testing.assert_close(grad, grads["trl"][1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_tokens_per_second_leaves_evaluation_out(tiny_llama_dir, tmp_path):
+    """Evaluations made slow on purpose (1 s each) do not count in training_seconds, so tokens/s stays that of the
+    training steps; the Trainer's train_runtime includes them."""
+    import time
+
+    from transformers import TrainerCallback
+
+    from finetune.runner import run
+
+    class SlowEvaluation(TrainerCallback):
+        def on_evaluate(self, *args, **kwargs):
+            time.sleep(1.0)
+
+    recipe = validate_recipe(sft_recipe(
+        tiny_llama_dir, tmp_path, data={"eval_fraction": 0.2},
+        train={"epochs": 1, "max_steps": 3, "eval_steps": 1, "logging_steps": 1},
+    ))  # fmt: skip
+    metrics = run(recipe, callbacks=[SlowEvaluation()]).metrics
+    summary = metrics["summary"]
+    evaluations = sum(1 for h in metrics["log_history"] if "eval_loss" in h)
+    assert evaluations >= 3
+    assert summary["train_runtime"] - summary["training_seconds"] >= evaluations * 1.0
+    assert summary["training_tokens"] == metrics["num_input_tokens_seen"] > 0
+    # training_seconds is rounded to the millisecond; this tiny run trains for well under a second
+    assert summary["tokens_per_second"] == pytest.approx(summary["training_tokens"] / summary["training_seconds"], rel=0.02)
