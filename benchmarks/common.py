@@ -146,6 +146,24 @@ def write_results(name: str, payload: dict, path: Path | None = None) -> Path:
     return path
 
 
+def chatterbot_conversations() -> list[list[str]]:
+    """chatterbot-corpus' English conversations, each as its lines (stripped strings), in file order; the package
+    is located without importing it, as scripts/build_demo_data.py does."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("chatterbot-corpus is not installed: pip install --no-deps chatterbot-corpus")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
+    return [
+        [str(u).strip() for u in dialog if isinstance(u, (str, int, float))]
+        for path in sorted(folder.glob("*.yml"))
+        for dialog in yaml.safe_load(path.read_text()).get("conversations") or []
+    ]
+
+
 def finetune_cli() -> list[str]:
     """The `finetune` command of this checkout's environment."""
     exe = Path(sys.executable).parent / "finetune"

@@ -21,30 +21,15 @@ import time
 from pathlib import Path
 
 from benchmarks.common import (
-    BENCH_PREFIX, REPO, fmt, machine, median, offline_env, print_table, run_measured, write_results,
+    BENCH_PREFIX, REPO, chatterbot_conversations, fmt, machine, median, offline_env, print_table, run_measured, write_results,
 )
 
 RECIPE = REPO / "recipes" / "llama_lora.yaml"
 
 
 def corpus_dialogs() -> list[list[str]]:
-    """chatterbot-corpus' English conversations (alternating user/assistant lines), located without importing the
-    package, as scripts/build_demo_data.py reads them."""
-    import importlib.util
-
-    import yaml
-
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("chatterbot-corpus is not installed: pip install chatterbot-corpus")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
-    dialogs = []
-    for path in sorted(folder.glob("*.yml")):
-        for dialog in yaml.safe_load(path.read_text()).get("conversations") or []:
-            lines = [str(u).strip() for u in dialog if isinstance(u, (str, int, float))]
-            if len(lines) >= 2 and all(lines):
-                dialogs.append(lines[: len(lines) // 2 * 2])
-    return dialogs
+    """chatterbot-corpus' English dialogs of two or more non-empty lines, cut to whole user/assistant exchanges."""
+    return [lines[: len(lines) // 2 * 2] for lines in chatterbot_conversations() if len(lines) >= 2 and all(lines)]
 
 
 def write_chat_file(path: Path, rows: int, seed: int = 0) -> None:

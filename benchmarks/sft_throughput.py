@@ -35,8 +35,8 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    BENCH_PREFIX, REPO, finetune_cli, fmt, machine, matmul_gflops, median, offline_env, print_table, run_measured,
-    write_results,
+    BENCH_PREFIX, REPO, chatterbot_conversations, finetune_cli, fmt, machine, matmul_gflops, median, offline_env,
+    print_table, run_measured, write_results,
 )
 
 VARIANTS = {
@@ -56,22 +56,12 @@ EVAL_ROWS = 64
 
 def chatterbot_pairs(seed: int = 0) -> list[dict]:
     """Every (line, reply) pair of chatterbot-corpus' English conversations as a chat row, deduplicated, shuffled."""
-    import importlib.util
-
-    import yaml
-
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None:
-        raise SystemExit("chatterbot-corpus is not installed (pip install --no-deps chatterbot-corpus)")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
     rows, seen = [], set()
-    for path in sorted(folder.glob("*.yml")):
-        for dialog in yaml.safe_load(path.read_text()).get("conversations", []):
-            lines = [str(u).strip() for u in dialog if isinstance(u, (str, int, float))]
-            for question, answer in zip(lines, lines[1:]):
-                if question and answer and (question, answer) not in seen:
-                    seen.add((question, answer))
-                    rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+    for lines in chatterbot_conversations():
+        for question, answer in zip(lines, lines[1:]):
+            if question and answer and (question, answer) not in seen:
+                seen.add((question, answer))
+                rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
     random.Random(seed).shuffle(rows)
     return rows
 

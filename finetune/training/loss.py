@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 
-IGNORE_INDEX = -100
+from finetune.data.sft import IGNORE_INDEX
 
 
 def supports_positions(model) -> bool:
