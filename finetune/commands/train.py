@@ -35,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
         last = metrics.get("last_loss")
         if last is not None:
             log.info("loss %.4f -> %.4f", metrics.get("first_loss"), last)
+        peak, estimate = metrics.get("peak_memory") or {}, (metrics.get("plan") or {}).get("memory") or {}
+        if "cuda_max_allocated_bytes" in peak:
+            log.info(
+                "peak GPU memory %.2f GiB allocated (plan estimated %.2f GiB)",
+                peak["cuda_max_allocated_bytes"] / 2**30, estimate.get("total", 0) / 2**30,
+            )
         if recipe.eval.after_training:
             # After the process group is gone: the other ranks have exited, none waits on this at a barrier.
             from finetune.evaluation.side_by_side import evaluate_run

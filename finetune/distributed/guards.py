@@ -236,6 +236,17 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def check_one_process_per_gpu(processes: int, gpus: int) -> None:
+    """NCCL takes one process per GPU: more local processes than GPUs fail inside NCCL ("Duplicate GPU detected")
+    or CUDA ("invalid device ordinal") only once every rank has started; say so before anything starts."""
+    if gpus >= 1 and processes > gpus:
+        raise FinetuneError(
+            f"{processes} processes per node on CUDA, but this machine has {gpus} GPU{'s' if gpus > 1 else ''}: NCCL runs "
+            f"one process per GPU (two on one GPU fail with 'Duplicate GPU detected'). Use --nproc-per-node {gpus} or "
+            "fewer, or --device cpu for more processes than GPUs."
+        )
+
+
 def join_process_group(
     backend: str | None = None, timeout: float | None = None, collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT
 ) -> bool:
@@ -263,6 +274,8 @@ def join_process_group(
     address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
     timeout = join_timeout(timeout)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        check_one_process_per_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", world) or world), torch.cuda.device_count())
     deadline = time.monotonic() + timeout
     where = f"rank {rank} of {world}"
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"

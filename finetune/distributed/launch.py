@@ -170,6 +170,13 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
         raise FinetuneError(f"--node-rank {args.node_rank}: this job has nodes 0 to {len(nodes) - 1}.")
 
     use_cpu = _uses_cpu(args.device, recipe)
+    if not use_cpu and (len(nodes) == 1 or args.local_nodes) and not args.hostfile:
+        import torch
+
+        from finetune.distributed.guards import check_one_process_per_gpu
+
+        # Every node runs on this machine; a login node without GPUs (0 here) launches for others and is not checked.
+        check_one_process_per_gpu(sum(n.slots for n in nodes), torch.cuda.device_count())
     plan = LaunchPlan(
         launcher=args.launcher,
         nodes=nodes,

@@ -98,7 +98,7 @@ def zero_stage(config: dict) -> int:
     return stage if isinstance(stage, int) else -1
 
 
-def _offloads(config: dict) -> dict[str, dict]:
+def offloads(config: dict) -> dict[str, dict]:
     """`offload_optimizer` / `offload_param` sections whose device is not `none`."""
     zero = config.get("zero_optimization") or {}
     found = {}
@@ -154,18 +154,18 @@ def deepspeed_problems(recipe: Recipe, config: dict, has_cuda: bool) -> list[str
             "Set it to true (deepspeed_configs/zero3.json does)."
         )
 
-    offloads = _offloads(config)
-    if "offload_param" in offloads and stage != 3:
+    found_offloads = offloads(config)
+    if "offload_param" in found_offloads and stage != 3:
         problems.append(
             f"deepspeed: zero_optimization.offload_param only works with ZeRO stage 3 (stage is {stage}), DeepSpeed "
             "ignores it otherwise. Use stage 3 (deepspeed: zero3_offload) or remove offload_param."
         )
-    if "offload_optimizer" in offloads and stage == 0:
+    if "offload_optimizer" in found_offloads and stage == 0:
         problems.append(
             "deepspeed: zero_optimization.offload_optimizer needs ZeRO stage 1, 2 or 3 (stage is 0). "
             "Set zero_optimization.stage: 2 (deepspeed: zero2_offload) or remove offload_optimizer."
         )
-    for key, section in offloads.items():
+    for key, section in found_offloads.items():
         if section.get("device") == "nvme" and not section.get("nvme_path"):
             problems.append(f"deepspeed: zero_optimization.{key}.device is nvme but nvme_path is not set: give a folder on the NVMe disk.")
 
@@ -215,15 +215,15 @@ def deepspeed_warnings(recipe: Recipe, config: dict, has_cuda: bool) -> list[str
         warnings.append("deepspeed: the \"optimizer\" block replaces train.optimizer, train.learning_rate and train.weight_decay.")
     if isinstance(config.get("scheduler"), dict):
         warnings.append("deepspeed: the \"scheduler\" block replaces train.lr_scheduler and train.warmup_ratio.")
-    offloads = _offloads(config)
-    if "offload_optimizer" in offloads and optimizer is None and config.get("zero_force_ds_cpu_optimizer", True) is not False:
+    found_offloads = offloads(config)
+    if "offload_optimizer" in found_offloads and optimizer is None and config.get("zero_force_ds_cpu_optimizer", True) is not False:
         if not has_cuda:
             warnings.append(
                 "deepspeed: offload_optimizer without zero_force_ds_cpu_optimizer: false makes accelerate swap "
                 "train.optimizer for DeepSpeedCPUAdam, which compiles the cpu_adam op (3-5 minutes on CPU). "
                 "Set \"zero_force_ds_cpu_optimizer\": false to keep the Trainer's optimizer (the shipped *_offload configs do)."
             )
-    if not has_cuda and any(section.get("pin_memory") for section in offloads.values()):
+    if not has_cuda and any(section.get("pin_memory") for section in found_offloads.values()):
         warnings.append(
             "deepspeed: offload pin_memory has no effect without CUDA (DeepSpeed's CPU accelerator does not page-lock); "
             "harmless, and kept on in the shipped configs for GPU machines."

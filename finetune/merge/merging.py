@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import resource
 import shutil
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from finetune.dtypes import name_of
 from finetune.errors import FinetuneError
 from finetune.merge.plan import TASK_CLASSES, MergeInputs, MergePlan, check_output, plan_merge, resolve_inputs
+from finetune.training.memory import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def _report(plan: MergePlan, out: Path, written: _Written, verification, quantiz
         verification=verification.as_dict() if verification else None,
         quantization=quantization,
         seconds=seconds,
-        peak_rss_bytes=_peak_rss(),
+        peak_rss_bytes=peak_rss_bytes(),
         versions=_versions(),
     )
 
@@ -296,15 +296,6 @@ def _rounding_summary(lost: dict[str, float] | None) -> dict | None:
         return None
     worst = max(lost, key=lost.get)
     return {"max": round(lost[worst], 4), "module": worst, "mean": round(sum(lost.values()) / len(lost), 4)}
-
-
-def _peak_rss() -> int:
-    """This process's RSS high-water mark: VmHWM, since Linux carries ru_maxrss over from the parent at fork."""
-    try:
-        with open("/proc/self/status") as f:
-            return 1024 * next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _versions() -> dict:

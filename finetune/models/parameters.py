@@ -14,6 +14,7 @@ class ParamCounts:
     total: int
     weight_bytes: int  # bytes the weights take as loaded (quantized where quantized)
     weight_bytes_unquantized: int  # the same weights in the compute dtype
+    trainable_bytes: int = 0  # bytes the trainable parameters take (their gradients take as much)
 
     @property
     def trainable_pct(self) -> float:
@@ -26,7 +27,7 @@ def count_parameters(model, unquantized_bytes_per_param: int) -> ParamCounts:
     bitsandbytes packs two 4-bit values per uint8, so a Params4bit's numel is half the logical count;
     its `quant_state.shape` holds the real shape.
     """
-    trainable = total = loaded = unquantized = 0
+    trainable = total = loaded = unquantized = trainable_bytes = 0
     seen = set()
     for param in model.parameters():
         if id(param) in seen:  # tied weights counted once
@@ -39,6 +40,7 @@ def count_parameters(model, unquantized_bytes_per_param: int) -> ParamCounts:
         total += logical
         if param.requires_grad:
             trainable += logical
+            trainable_bytes += param.numel() * param.element_size()
         quantized = state is not None or not param.dtype.is_floating_point  # Params4bit (uint8) / Int8Params
         loaded += param.numel() * param.element_size()
         unquantized += logical * (unquantized_bytes_per_param if quantized else param.element_size())
@@ -47,7 +49,7 @@ def count_parameters(model, unquantized_bytes_per_param: int) -> ParamCounts:
         scb = getattr(param, "SCB", None)  # 8-bit: one scale per row
         if scb is not None:
             loaded += scb.numel() * scb.element_size()
-    return ParamCounts(trainable, total, loaded, unquantized)
+    return ParamCounts(trainable, total, loaded, unquantized, trainable_bytes)
 
 
 def _state_tensors(state):

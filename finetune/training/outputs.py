@@ -8,6 +8,7 @@ from pathlib import Path
 
 from finetune.recipe import Recipe, save_recipe
 from finetune.training.callbacks import training_clock
+from finetune.training.memory import peak_memory
 
 
 def write_json(path: Path, payload: dict) -> Path:
@@ -82,6 +83,8 @@ def save_run_files(trainer, recipe: Recipe, out: Path, plan, extra: dict | None 
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "num_input_tokens_seen": seen,
+        # This process's peak (the main one's, in a multi-process run), beside the plan's estimate.
+        "peak_memory": peak_memory(trainer.args.device.type),
         "log_history": history,
         **(extra or {}),
     }

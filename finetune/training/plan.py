@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from finetune.models.parameters import ParamCounts
 from finetune.recipe import Recipe
 from finetune.runtime import Runtime
+from finetune.training.memory import MemoryEstimate
 
 
 @dataclass
@@ -37,9 +38,10 @@ class Plan:
     deepspeed: str | None
     rows_before_packing: int | None = None
     remote_code: bool = False  # model.trust_remote_code: the checkpoint's own code runs
+    memory: MemoryEstimate | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "memory": self.memory.as_dict() if self.memory else None}
 
     def render(self) -> str:
         pct = 100.0 * self.trainable_params / max(1, self.total_params)
@@ -71,6 +73,8 @@ class Plan:
             ("threads", f"{self.threads} per process ({self.threads_note})"),
             ("deepspeed", self.deepspeed or "off"),
         ]
+        if self.memory is not None:
+            lines.append(("memory", self.memory.render()))
         if self.remote_code:
             lines.append(("remote code", "ON (model.trust_remote_code) — runs code shipped with the checkpoint"))
         width = max(len(k) for k, _ in lines)
@@ -88,7 +92,7 @@ def optimizer_steps(recipe: Recipe, train_rows: int, processes: int) -> tuple[in
 
 def make_plan(
     recipe: Recipe, runtime: Runtime, counts: ParamCounts, train_rows: int, eval_rows: int, skipped: int, model_name: str,
-    rows_before_packing: int | None = None,
+    rows_before_packing: int | None = None, memory: MemoryEstimate | None = None,
 ) -> Plan:
     """What the run will do; `train_rows` are what the trainer iterates (packed sequences when packing)."""
     t = recipe.train
@@ -128,4 +132,5 @@ def make_plan(
         deepspeed=recipe.deepspeed,
         rows_before_packing=rows_before_packing,
         remote_code=recipe.model.trust_remote_code,
+        memory=memory,
     )
