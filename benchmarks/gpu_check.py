@@ -85,6 +85,8 @@ def checks(steps: int, models: dict[str, str], runs: Path, gpus: int, device: st
     return [
         Check("lora_bf16", "SmolLM2-135M LoRA SFT, bf16", "train", "recipes/llama_lora.yaml",
               short + smollm + ["train.precision=bf16"] + out("lora_bf16"), output="lora_bf16"),
+        Check("lora_bf16_padded", "the same with padded batches (`data.padding_free=false`)", "train", "recipes/llama_lora.yaml",
+              short + smollm + ["train.precision=bf16", "data.padding_free=false"] + out("lora_bf16_padded"), output="lora_bf16_padded"),
         Check("qlora", "SmolLM2-135M QLoRA: NF4 + double quant, bf16 compute, paged_adamw_8bit", "train", "recipes/llama_qlora.yaml",
               short + smollm + ["quantization.compute_dtype=bf16", "train.optimizer=paged_adamw_8bit"] + out("qlora"), output="qlora"),
         Check("qlora_gradients", "QLoRA adapter gradients on CUDA = an fp32 model of the dequantized weights, before and after an evaluation",
@@ -94,8 +96,8 @@ def checks(steps: int, models: dict[str, str], runs: Path, gpus: int, device: st
         Check("llama1b_qlora", "Llama-1B shape QLoRA (as `qlora`)", "train", "recipes/llama_qlora.yaml",
               short + big + ["quantization.compute_dtype=bf16", "train.optimizer=paged_adamw_8bit"] + out("llama1b_qlora"),
               output="llama1b_qlora"),
-        Check("merge_qlora", "`finetune merge` of the QLoRA run (bf16, verified against the adapter)", "merge",
-              args=[str(runs / "qlora"), "--out", str(runs / "qlora_merged"), "--dtype", "bf16", "--overwrite"]),
+        Check("merge_qlora", "`finetune merge` of the QLoRA run (fp32, verified against the adapter)", "merge",
+              args=[str(runs / "qlora"), "--out", str(runs / "qlora_merged"), "--dtype", "fp32", "--overwrite"]),
         Check("eval_qlora", "`finetune eval` of the QLoRA run: base, adapter, merged", "eval",
               args=[str(runs / "qlora"), "--merged", str(runs / "qlora_merged"), "--tasks", "none", "--limit", "8",
                     "--max-new-tokens", "16", "--out", str(runs / "qlora_eval")]),
@@ -185,7 +187,9 @@ def _build_models(weights: str, assets: str | None, folder: str, needed: tuple[s
 # environment's versions. bitsandbytes' wheel carries a library per CUDA version (130 MB unpacked); the bundle
 # keeps those of CUDA 13 and the CPU one.
 BUNDLE_PACKAGES = ("transformers", "trl", "peft", "datasets", "evaluate", "bitsandbytes", "deepspeed", "hjson", "pydantic",
-                   "pydantic_core", "annotated-types", "typing-inspection", "gguf", "multiprocess", "dill", "regex", "fsspec")
+                   "pydantic_core", "annotated-types", "typing-inspection", "gguf", "multiprocess", "dill", "regex", "fsspec",
+                   "rouge-score", "nltk")
+SDIST_ONLY = ("deepspeed", "rouge-score")  # built into pure-Python wheels here (pip reuses its cached builds)
 BITSANDBYTES_KEEP = ("cuda130", "cuda132", "_cpu")
 
 
@@ -203,7 +207,7 @@ def pack(target: Path, python_version: str = "3.12") -> None:
     platforms = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")]
     for name in BUNDLE_PACKAGES:
         spec = f"{name}=={version(name)}"
-        if name == "deepspeed":  # an sdist on PyPI: build (or reuse pip's cached build of) a pure-Python wheel
+        if name in SDIST_ONLY:
             cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), spec]
         else:
             cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--implementation=cp",

@@ -25,7 +25,7 @@ from finetune.training.callbacks import run_callbacks
 from finetune.training.checkpoints import ResumePoint, claim_output_dir
 from finetune.training.interrupts import GracefulStop
 from finetune.training.outputs import final_evaluation, save_run_files
-from finetune.training.memory import estimate_run_memory
+from finetune.training.memory import estimate_run_memory, micro_batch_tokens
 from finetune.training.plan import make_plan
 
 log = logging.getLogger("finetune")
@@ -129,7 +129,9 @@ def _train(recipe: Recipe, start: Start, callbacks) -> RunResult:
     # The plan comes after the trainer is built: packing happens in its dataset preparation and changes the steps.
     counts = count_parameters(trainer.model, dtype_bytes(runtime.precision))
     eval_rows = len(task.eval_dataset) if has_eval else 0
-    memory = estimate_run_memory(recipe, runtime, trainer.model, counts)
+    tokens = micro_batch_tokens(trainer.train_dataset, recipe.train.micro_batch_size, recipe.data.max_length,
+                                padding_free=bool(getattr(trainer.args, "padding_free", False)))
+    memory = estimate_run_memory(recipe, runtime, trainer.model, counts, tokens=tokens)
     plan = make_plan(recipe, runtime, counts, eval_rows=eval_rows, skipped=task.skipped, model_name=recipe.model.name_or_path,
                      memory=memory, **task.plan_rows(trainer))
     if runtime.is_main:

@@ -2,8 +2,8 @@
 
 Weights are measured (as loaded, quantized where quantized). Gradients and optimizer states follow from the trainable
 parameters, the optimizer and the ZeRO stage. Activations are counted per token and layer for a transformer block
-whose attention never materializes the sequence-by-sequence scores (SDPA's fused kernels), with every micro-batch
-filled to `max_length`: padding-free rows are shorter, so the figure is a ceiling for them. CUDA's own context
+whose attention never materializes the sequence-by-sequence scores (SDPA's fused kernels), for the largest
+micro-batch the training data can make (its longest rows; `micro_batch_size` x `max_length` without token counts). CUDA's own context
 (~0.5 GiB) and the allocator's fragmentation are outside it, as they are outside `torch.cuda.max_memory_allocated`,
 which is what a run records beside it (`peak_memory` in `train_metrics.json`).
 """
@@ -42,15 +42,38 @@ class MemoryEstimate:
         return {**asdict(self), "total": self.total}
 
     def render(self) -> str:
-        parts = [f"weights {self.weights / GIB:.2f}", f"gradients {self.gradients / GIB:.2f}", f"optimizer {self.optimizer / GIB:.2f}"]
+        parts = [f"weights {_size(self.weights)}", f"gradients {_size(self.gradients)}", f"optimizer {_size(self.optimizer)}"]
         if self.activations is not None:
-            parts.append(f"activations {self.activations / GIB:.2f} ({self.tokens:,} tokens per micro-batch)")
-        text = f"~{self.total / GIB:.2f} GiB per process at most: " + " + ".join(parts)
+            parts.append(f"activations {_size(self.activations)} (largest micro-batch: {self.tokens:,} tokens)")
+        text = f"~{_size(self.total)} per process at most: " + " + ".join(parts)
         return text + (f"; {self.note}" if self.note else "")
 
 
-def estimate_run_memory(recipe: Recipe, runtime, model, counts) -> MemoryEstimate:
-    """The estimate for a loaded model (`counts` from `count_parameters`) under the recipe's ZeRO stage."""
+def _size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+def micro_batch_tokens(dataset, micro_batch_size: int, max_length: int, padding_free: bool) -> int:
+    """The most tokens one micro-batch of `dataset` can hold: the `micro_batch_size` longest rows back to back
+    (padding-free), or as many copies of the longest row (padded to the longest in the batch); at most
+    `micro_batch_size` x `max_length`, which is also the answer for a dataset without `input_ids`."""
+    ceiling = micro_batch_size * max_length
+    try:
+        import pyarrow.compute as pc
+
+        column = dataset.with_format("arrow")[:]["input_ids"]
+        lengths = sorted(pc.list_value_length(column).to_pylist(), reverse=True)[:micro_batch_size]
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return ceiling
+    if not lengths:
+        return ceiling
+    longest = [min(n, max_length) for n in lengths]
+    return min(ceiling, sum(longest) if padding_free else micro_batch_size * longest[0])
+
+
+def estimate_run_memory(recipe: Recipe, runtime, model, counts, tokens: int | None = None) -> MemoryEstimate:
+    """The estimate for a loaded model (`counts` from `count_parameters`) under the recipe's ZeRO stage, for
+    micro-batches of at most `tokens` tokens (default: `micro_batch_size` x `max_length`)."""
     stage, offloaded = 0, False
     if recipe.deepspeed:
         from finetune.distributed.zero import load_deepspeed_config, offloads, zero_stage
@@ -61,13 +84,13 @@ def estimate_run_memory(recipe: Recipe, runtime, model, counts) -> MemoryEstimat
     value_bytes = 2 if runtime.precision in ("bf16", "fp16") else 4
     return estimate_memory(
         recipe, getattr(model, "config", None), counts.weight_bytes, counts.trainable, counts.trainable_bytes, value_bytes,
-        world_size=runtime.world_size, zero_stage=stage, optimizer_offloaded=offloaded,
+        world_size=runtime.world_size, zero_stage=stage, optimizer_offloaded=offloaded, tokens=tokens,
     )
 
 
 def estimate_memory(
     recipe: Recipe, model_config, weight_bytes: int, trainable_params: int, trainable_bytes: int, activation_bytes: int,
-    world_size: int = 1, zero_stage: int = 0, optimizer_offloaded: bool = False,
+    world_size: int = 1, zero_stage: int = 0, optimizer_offloaded: bool = False, tokens: int | None = None,
 ) -> MemoryEstimate:
     """Peak training memory of one process.
 
@@ -86,7 +109,7 @@ def estimate_memory(
     if zero_stage >= 3:
         weights /= shards
 
-    tokens = t.micro_batch_size * recipe.data.max_length
+    tokens = tokens or t.micro_batch_size * recipe.data.max_length
     activations, note = _activations(recipe, model_config, tokens, activation_bytes)
     return MemoryEstimate(int(weights), int(gradients), int(optimizer), activations, tokens, note)
 
