@@ -20,7 +20,7 @@ from finetune.recipe import load_recipe
 from finetune.runtime import resolve_runtime
 from support import REPO
 
-NAMES = ["lora_bf16", "lora_bf16_padded", "qlora", "qlora_gradients", "llama1b_lora", "llama1b_qlora", "merge_qlora", "eval_qlora", "lora_8bit",
+NAMES = ["lora_bf16", "lora_bf16_padded", "lora_bf16_batch32", "qlora", "qlora_gradients", "llama1b_lora", "llama1b_qlora", "merge_qlora", "eval_qlora", "lora_8bit",
          "classification", "zero2", "zero3", "two_ranks_one_gpu"]
 
 
@@ -43,7 +43,7 @@ def test_every_recipe_of_the_check_passes_the_checks_for_a_gpu(tiny_llama_dir, t
     todo = [c for c in checks(3, models, tmp_path / "runs", gpus=1) if c is not None]
     assert [c.name for c in todo] == NAMES
     recipes = [c for c in todo if c.kind in ("train", "launch")]
-    assert len(recipes) == 10
+    assert len(recipes) == 11
     for check in recipes:
         recipe = load_recipe(str(REPO / check.recipe), check.overrides)
         assert recipe.train.device == "cuda" and recipe.train.max_steps == 3, check.name
