@@ -108,6 +108,48 @@ def test_wrong_type_says_what_was_expected(tmp_path):
     assert "  - train.micro_batch_size: expected an integer, got 'four' (str).\n" in result.stderr
 
 
+def test_booleans_and_text_are_not_numbers(tmp_path):
+    """Strict types: `true` is not 1.0, `1` is not true, quoted text is not a number; YAML numbers (`1e-4` too, which
+    YAML 1.1 reads as text) are, in a file and in an override alike."""
+    result = cli("validate", "recipes/llama_lora.yaml", "train.learning_rate=true")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "error: 1 problem in recipes/llama_lora.yaml:\n  - train.learning_rate: expected a number, got True (bool).\n"
+    )
+    path = write_recipe(tmp_path, MINIMAL)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, ["train.micro_batch_size=true", "adapter.alpha=true", "data.packing=1", "train.max_steps=1e3",
+                           "train.learning_rate='1e-4'"])  # fmt: skip
+    assert err.value.problems == [
+        "adapter.alpha: expected a number, got True (bool).",
+        "data.packing: expected true or false, got 1 (int).",
+        "train.max_steps: expected an integer, got 1000.0 (float). Write it as a whole number: 1000.",
+        "train.micro_batch_size: expected an integer, got True (bool).",
+        "train.learning_rate: expected a number, got '1e-4' (str). It is quoted, so it is text: write 1e-4 without quotes.",
+    ]
+    recipe = load_recipe(path, ["train.learning_rate=1e-4", "adapter.alpha=16", "train.epochs=2", "train.max_steps=10"])
+    assert (recipe.train.learning_rate, recipe.adapter.alpha, recipe.train.epochs, recipe.train.max_steps) == (1e-4, 16.0, 2.0, 10)
+    path.write_text("model: {name_or_path: m}\ndata: {train: t.jsonl}\noutput: {dir: o}\n"
+                    "train: {learning_rate: 5E-5, warmup_ratio: 1e-2, micro_batch_size: '4'}\n")  # fmt: skip
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert err.value.problems == [
+        "train.micro_batch_size: expected an integer, got '4' (str). It is quoted, so it is text: write 4 without quotes."
+    ]
+    path.write_text(path.read_text().replace("'4'", "4"))
+    recipe = load_recipe(path)
+    assert (recipe.train.learning_rate, recipe.train.warmup_ratio, recipe.train.micro_batch_size) == (5e-5, 1e-2, 4)
+
+
+def test_saved_recipe_reads_back_the_same(tmp_path):
+    """Text that the loader would read as a number (a revision `1234e56`) is quoted when a recipe is saved."""
+    from finetune.recipe import save_recipe
+
+    recipe = validate_recipe({**MINIMAL, "model": {"name_or_path": "some/model", "revision": "1234e56"}})
+    saved = save_recipe(recipe, tmp_path)
+    assert load_recipe(saved) == recipe
+
+
 def test_missing_required_field_names_it(tmp_path):
     path = write_recipe(tmp_path, {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}})
     result = cli("validate", str(path))
