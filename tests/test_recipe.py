@@ -329,6 +329,30 @@ def test_every_command_help_exits_zero():
     assert run_py.returncode == 0 and "usage:" in run_py.stdout
 
 
+def test_commands_take_options_and_overrides_in_any_order():
+    from finetune.cli import parse_arguments
+
+    args = parse_arguments(["validate", "r.yaml", "train.seed=1", "--data", "adapter.r=4"])
+    assert (args.command, args.recipe, args.overrides, args.data) == ("validate", "r.yaml", ["train.seed=1", "adapter.r=4"], True)
+    args = parse_arguments(["train", "r.yaml", "train.seed=1", "adapter.r=4"])
+    assert (args.command, args.recipe, args.overrides) == ("train", "r.yaml", ["train.seed=1", "adapter.r=4"])
+    args = parse_arguments(["launch", "--dry-run", "r.yaml", "train.seed=1", "--nproc-per-node", "2", "adapter.r=4"])
+    assert (args.recipe, args.overrides, args.nproc_per_node, args.dry_run) == ("r.yaml", ["train.seed=1", "adapter.r=4"], 2, True)
+    assert parse_arguments(["validate", "r.yaml"]).overrides == []
+
+
+@pytest.mark.parametrize("command", ["train", "validate", "launch"])
+def test_overrides_are_not_listed_as_required(command):
+    result = cli(command)
+    assert result.returncode == 2
+    assert result.stderr.endswith(f"finetune {command}: error: the following arguments are required: recipe\n")
+    if command != "launch":  # launch's usage line wraps: its many options
+        assert result.stderr.splitlines()[0] == f"usage: finetune {command} [-h]{' [--data]' if command == 'validate' else ''} recipe [key.path=value ...]"
+    if command == "train":  # and `python finetune/run.py`, the launchers' entry point
+        run_py = subprocess.run([sys.executable, str(REPO / "finetune" / "run.py")], capture_output=True, text=True)
+        assert run_py.stderr.endswith("finetune train: error: the following arguments are required: recipe\n")
+
+
 def test_override_list_that_is_not_yaml_says_how_to_quote(tmp_path):
     path = write_recipe(tmp_path, MINIMAL)
     with pytest.raises(RecipeError) as err:

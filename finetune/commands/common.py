@@ -27,7 +27,9 @@ def guarded(action: Callable[[], int]) -> int:
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="Path to a YAML recipe (see recipes/).")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key.path=value", help="Override recipe values, e.g. train.learning_rate=1e-4."
+        "overrides", nargs="*", default=[], metavar="key.path=value",  # a default: not listed as required when absent
+        help="Override recipe values, e.g. train.learning_rate=1e-4 (read as YAML, like the recipe: `true` is a "
+        "boolean, `'5'` is text). Options and overrides may come in any order.",
     )
 
 
