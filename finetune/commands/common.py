@@ -7,9 +7,13 @@ import logging
 import os
 import sys
 import warnings
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:
+    from finetune.recipe import Recipe
 
 
 def guarded(action: Callable[[], int]) -> int:
@@ -39,6 +43,34 @@ def recipe_key_help(key: str, lead: str = "") -> str:
     from finetune.recipe import description
 
     return f"{lead}{description(key)} (Overrides the recipe's `{key}`.)"
+
+
+# What each task's finished run is used with: a run of another task is pointed there.
+RUN_COMMANDS = {
+    "sft": ("an SFT", "chat", "answers prompts with", '--prompt "..."'),
+    "classification": ("a classification", "predict", "labels texts with", '--text "..."'),
+}
+
+
+def run_recipe(target: str | Path, command: str) -> Recipe | None:
+    """The recipe of a run folder (its saved recipe.yaml) or a recipe file, refused when its task is not the one
+    `command` works on, with the command that works on it. None when there is no recipe (the command says so)."""
+    from finetune.recipe import load_recipe
+
+    target = Path(target)
+    path = target / "recipe.yaml" if target.is_dir() else target
+    if not path.is_file():
+        return None
+    recipe = load_recipe(path)
+    wanted = next(task for task, (_, name, _, _) in RUN_COMMANDS.items() if name == command)
+    if recipe.task == wanted:
+        return recipe
+    kind, _, does, _ = RUN_COMMANDS[wanted]
+    what, other, other_does, example = RUN_COMMANDS.get(recipe.task, (f"a {recipe.task}", None, None, None))
+    where = f"{what} run (task: {recipe.task} in its recipe.yaml)" if target.is_dir() else f"{what} recipe (task: {recipe.task})"
+    run_dir = target if target.is_dir() else recipe.output.dir  # chat takes a run folder only
+    hint = f" `finetune {other}` {other_does} it: finetune {other} {run_dir} {example}" if other else ""
+    raise FinetuneError(f"{target} is {where}; `finetune {command}` {does} {kind} run.{hint}")
 
 
 class _DropMessages(logging.Filter):
