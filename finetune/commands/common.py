@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from finetune.errors import FinetuneError
+from finetune.notices import quiet_library_notices
 
 if TYPE_CHECKING:
     from finetune.recipe import Recipe
@@ -73,24 +74,9 @@ def run_recipe(target: str | Path, command: str) -> Recipe | None:
     raise FinetuneError(f"{target} is {where}; `finetune {command}` {does} {kind} run.{hint}")
 
 
-class _DropMessages(logging.Filter):
-    """Drops import-time notices that say nothing actionable on a CPU run."""
-
-    def __init__(self, *fragments: str):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(f in message for f in self.fragments)
-
-
 def setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
-    # bitsandbytes looks for an optional hub kernel package at import, even for unquantized runs; DeepSpeed
-    # announces the CPU accelerator in every process. Both are noise to a user who did not ask for either.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessages("kernels-community"))
-    logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU"))
+    quiet_library_notices()  # bitsandbytes' kernels-community notice, DeepSpeed's CPU accelerator (finetune/notices.py)
     # peft and trl read transformers' deprecated `is_gradient_checkpointing`; nothing the user can change.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.basicConfig(
