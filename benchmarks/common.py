@@ -18,6 +18,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.notices import quiet_library_notices
+
+# Every benchmark script and child process imports this module first: libraries' import-time notices (bitsandbytes'
+# kernels-community line) are dropped as in the `finetune` commands. It imports `logging` only, so a measuring
+# parent stays small.
+quiet_library_notices()
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 BENCH_PREFIX = "BENCH "  # a child prints `BENCH {json}` on a line of its own with what it measured

@@ -1,7 +1,7 @@
 """Every check of a recipe that needs no model, in one place: the schema's own combinations are checked when the
 recipe is read (`finetune.recipe`); here come those that depend on the machine (device, precision), installed
-packages, DeepSpeed and the data sources. `finetune validate`, `finetune launch` and training run the same checks
-and report every problem at once."""
+packages, DeepSpeed, the data sources and the model's config (read without its weights). `finetune validate`,
+`finetune launch` and training run the same checks and report every problem at once."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ def recipe_problems(recipe: Recipe, runtime: Runtime, data: bool = True) -> list
     """Everything wrong with running `recipe` on `runtime`'s machine, each naming its keys and the fix.
 
     `data=False` leaves out the data sources and the model folder (`finetune launch` may start nodes whose files are
-    not on this machine).
+    not on this machine); the model's config is checked whenever it can be read here.
     """
     problems = list(runtime.problems)
     problems += _package_problems(recipe)
     problems += _quantization_problems(recipe, runtime)
     if recipe.deepspeed:
         problems += _deepspeed_problems(recipe, runtime)
+    problems += model_config_problems(recipe)
     if data:
         problems += _model_problems(recipe)
         problems += _data_source_problems(recipe)
@@ -91,6 +92,64 @@ def _model_problems(recipe: Recipe) -> list[str]:
 
     problem = model_problem(recipe.model)
     return [problem] if problem else []
+
+
+# Where configs keep the context length and the hidden size (Llama/BERT, GPT-2, others), first found wins.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+_HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "dim")
+
+
+def _config_value(config: dict, keys: tuple[str, ...]) -> tuple[str, int] | None:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config  # multimodal: its LM
+    return next(((k, text[k]) for k in keys if isinstance(text.get(k), int) and not isinstance(text[k], bool)), None)
+
+
+def model_config_problems(recipe: Recipe) -> list[str]:
+    """Recipe values the model's config rules out, read without loading weights: a `data.max_length` past the
+    model's context, an `adapter.r` above its hidden size. Skipped when the config cannot be read here (a hub id
+    that is not in the local cache)."""
+    from finetune.models.checkpoint import model_config
+
+    found = model_config(recipe.model)
+    if found is None:
+        return []
+    config, source = found
+    problems = []
+    hidden = _config_value(config, _HIDDEN_KEYS)
+    if hidden and recipe.adapter.type != "none" and recipe.adapter.r > hidden[1]:
+        problems.append(
+            f"adapter.r: {recipe.adapter.r} is larger than any layer of the model ({hidden[0]} is {hidden[1]} in "
+            f"{source}): no layer's update can have a rank above {hidden[1]}, so the rest only costs memory. "
+            "Typical ranks are 4 to 64."
+        )
+    context = _config_value(config, _CONTEXT_KEYS)
+    # Only a length the recipe sets: the default (1024) is for the usual 2k+ contexts, and classification caps it at
+    # a BERT-style model's 512 positions with a warning (tasks/classification.py).
+    if context and "max_length" in recipe.data.model_fields_set and recipe.data.max_length > context[1]:
+        problems.append(
+            f"data.max_length: {recipe.data.max_length} is longer than the model reads ({context[0]} is {context[1]} "
+            f"in {source}); use at most {context[1]}."
+        )
+    return problems
+
+
+def head_problems(recipe: Recipe, labels: list[str]) -> list[str]:
+    """A base that is already a sequence classifier keeps its head, so the training data must have as many labels
+    as the head has outputs (transformers refuses to load it otherwise, after the data is prepared)."""
+    from finetune.models.checkpoint import model_config
+
+    found = model_config(recipe.model)
+    config = found[0] if found else {}
+    is_classifier = any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or ())
+    head = config.get("id2label")
+    if not is_classifier or not isinstance(head, dict) or len(head) == len(labels):
+        return []
+    return [
+        f"model.name_or_path: {recipe.model.name_or_path} is already a classifier with a {len(head)}-label head "
+        f"({', '.join(map(str, list(head.values())[:8]))}{', ...' if len(head) > 8 else ''} in {found[1]}), but the "
+        f"training data has {len(labels)} labels ({', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''}). "
+        f"Train it on {len(head)} labels, or start from a model without a classification head."
+    ]
 
 
 def _data_source_problems(recipe: Recipe) -> list[str]:

@@ -27,6 +27,7 @@ from finetune.training.interrupts import GracefulStop
 from finetune.training.outputs import final_evaluation, save_run_files
 from finetune.training.memory import estimate_run_memory, micro_batch_tokens
 from finetune.training.plan import make_plan
+from finetune.training.progress import show_progress_lines
 
 log = logging.getLogger("finetune")
 
@@ -124,6 +125,7 @@ def _train(recipe: Recipe, start: Start, callbacks) -> RunResult:
     args = training_arguments(recipe, runtime, out, has_eval=has_eval, config_class=config_class, **task_arguments)
     stop = GracefulStop()
     trainer = task.build_trainer(model, args, tokenizer, run_callbacks(recipe, [*callbacks, stop]))
+    show_progress_lines(trainer)  # one line per log instead of the Trainer's dictionaries
     check_trainer_world(trainer)
 
     # The plan comes after the trainer is built: packing happens in its dataset preparation and changes the steps.

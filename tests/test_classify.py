@@ -16,7 +16,7 @@ import torch
 
 from finetune.errors import DataError, FinetuneError, RecipeError
 from finetune.recipe import validate_recipe
-from support import FILLER, KEYWORDS, REPO, cls_recipe, keyword_rows, write_jsonl
+from support import FILLER, KEYWORDS, REPO, cls_recipe, keyword_rows, sft_recipe, write_jsonl
 
 
 def eval_history(result) -> list[dict]:
@@ -178,6 +178,69 @@ def test_predict_needs_a_run_folder(tmp_path):
 
     with pytest.raises(FinetuneError, match=r"not a finished classification run \(no labels\.json / recipe\.yaml\)"):
         run_folder(tmp_path)
+
+
+def run_folder_without_model(folder: Path, recipe: dict, labels: tuple[str, ...] = ()) -> Path:
+    """A run folder's recipe.yaml (and labels.json), as training leaves them, for a model that does not exist:
+    a command that loads the model fails on it, so the tests below see what is said before any load."""
+    from finetune.data.classification import LabelMap
+    from finetune.recipe import save_recipe
+
+    save_recipe(validate_recipe(recipe), folder)
+    if labels:
+        LabelMap(labels).save(folder)
+    return folder
+
+
+def test_a_run_of_the_wrong_task_names_the_command_for_it(tmp_path, capsys):
+    from finetune.cli import main
+
+    cls = run_folder_without_model(tmp_path / "cls", cls_recipe(tmp_path / "no-model", tmp_path), ("a", "b"))
+    sft = run_folder_without_model(tmp_path / "sft", sft_recipe(tmp_path / "no-model", tmp_path))
+    for base in ([], ["--base"]):  # chat loads the base as a causal LM either way
+        assert main(["chat", str(cls), "--prompt", "hi", *base]) == 1
+        assert capsys.readouterr().err == (
+            f"error: {cls} is a classification run (task: classification in its recipe.yaml); `finetune chat` answers "
+            f'prompts with an SFT run. `finetune predict` labels texts with it: finetune predict {cls} --text "..."\n'
+        )
+    assert main(["predict", str(sft), "--text", "hi"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {sft} is an SFT run (task: sft in its recipe.yaml); `finetune predict` labels texts with a "
+        f'classification run. `finetune chat` answers prompts with it: finetune chat {sft} --prompt "..."\n'
+    )
+    assert main(["predict", str(sft / "recipe.yaml"), "--text", "hi"]) == 1  # a recipe: the hint names its output.dir
+    assert capsys.readouterr().err == (
+        f"error: {sft / 'recipe.yaml'} is an SFT recipe (task: sft); `finetune predict` labels texts with a "
+        f'classification run. `finetune chat` answers prompts with it: finetune chat {tmp_path / "out"} --prompt "..."\n'
+    )
+
+
+def test_predict_refuses_an_empty_text_naming_it(tmp_path, capsys):
+    from finetune.cli import main
+
+    run = run_folder_without_model(tmp_path / "cls", cls_recipe(tmp_path / "no-model", tmp_path), ("a", "b"))
+    cases = [
+        (["--text", ""], "--text is empty: there is nothing to classify in it."),
+        (["--text", "a dog", "--text", " \t"], "--text number 2 is empty (only whitespace): there is nothing to classify in it."),
+    ]
+    (tmp_path / "texts.txt").write_text("a dog\n\na cat\n")
+    cases.append((["--file", str(tmp_path / "texts.txt")],
+                  f"{tmp_path / 'texts.txt'}, line 2 is empty: one text per line, and this line has none."))  # fmt: skip
+    write_jsonl(tmp_path / "texts.jsonl", [{"text": "a dog"}, {"text": "   "}])
+    cases.append((["--file", str(tmp_path / "texts.jsonl")],
+                  f"{tmp_path / 'texts.jsonl'}, line 2: 'text' is empty (only whitespace): there is nothing to classify in it."))  # fmt: skip
+    for args, message in cases:
+        assert main(["predict", str(run), *args]) == 1, args
+        assert capsys.readouterr().err == f"error: {message}\n"
+    # Blank lines after the last text only end the file.
+    from argparse import Namespace
+
+    from finetune.commands.predict import read_texts
+    from finetune.recipe import load_recipe
+
+    (tmp_path / "texts.txt").write_text("a dog\na cat\n\n \n")
+    args = Namespace(text=["a bird"], file=str(tmp_path / "texts.txt"))
+    assert read_texts(args, load_recipe(run / "recipe.yaml")) == (["a bird", "a dog", "a cat"], None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ passes the kit's checks for a CUDA machine (the same pretend-GPU runtime `finetu
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -36,10 +38,15 @@ def test_dry_run_lists_every_check_with_its_command():
 
 @pytest.mark.parametrize("weights", ["real", "random"])
 def test_every_recipe_of_the_check_passes_the_checks_for_a_gpu(tiny_llama_dir, tmp_path, weights):
-    """With the embedded models (real) or the bundle's folders (random: here the tiny Llama stands in for them)."""
-    models = {"llama1b": str(tiny_llama_dir), "smollm2": "package", "minilm": "package", "bbc": "package"}
+    """With the embedded models (real) or the bundle's folders (random: here a tiny Llama stands in for them, with
+    Llama-3.2-1B's context length, since the checks compare `data.max_length` with the model's config)."""
+    stand_in = tmp_path / "stand-in"
+    shutil.copytree(tiny_llama_dir, stand_in)
+    config = json.loads((stand_in / "config.json").read_text())
+    (stand_in / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    models = {"llama1b": str(stand_in), "smollm2": "package", "minilm": "package", "bbc": "package"}
     if weights == "random":
-        models.update(smollm2=str(tiny_llama_dir))
+        models.update(smollm2=str(stand_in))
     todo = [c for c in checks(3, models, tmp_path / "runs", gpus=1) if c is not None]
     assert [c.name for c in todo] == NAMES
     recipes = [c for c in todo if c.kind in ("train", "launch")]

@@ -223,6 +223,14 @@ def test_recipe_problems_stop_the_launch(tmp_path, capsys):
     assert err.startswith(f"error: 1 problem in {bad}:\n  - quantization.storage_dtype: uint8 with ZeRO-3")
 
 
+def test_options_and_overrides_in_any_order(cpu_recipe, capsys):
+    """`launch RECIPE --nproc-per-node 2 key.path=value`: overrides after (and between) options reach every node."""
+    assert cli_main(["launch", cpu_recipe, "--nproc-per-node", "2", "train.max_steps=2", "--dry-run", "train.seed=3"]) == 0
+    assert f"{RUN_SCRIPT} {cpu_recipe} train.max_steps=2 train.seed=3\n" in capsys.readouterr().out
+    assert cli_main(["launch", cpu_recipe, "--dry-run", "train.seed=true"]) == 2  # and go through the recipe's checks
+    assert capsys.readouterr().err == f"error: 1 problem in {cpu_recipe}:\n  - train.seed: expected an integer, got True (bool).\n"
+
+
 def test_several_nodes_need_a_node_rank(cpu_recipe, capsys):
     assert cli_main(["launch", cpu_recipe, "--nnodes", "2", "--main-address", "127.0.0.1"]) == 1
     assert "which node is this machine? Pass --node-rank K (0 .. 1) on each machine" in capsys.readouterr().err

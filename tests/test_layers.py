@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "finetune"
 
 # Lowest first. A module belongs to the longest prefix listed; it may import its own layer and those below.
 LAYERS = [
-    ["finetune.dtypes", "finetune.errors", "finetune.tasks.registry", "finetune.tiny"],
+    ["finetune.dtypes", "finetune.errors", "finetune.notices", "finetune.tasks.registry", "finetune.tiny"],
     ["finetune.paths", "finetune.recipe"],
     ["finetune.runtime"],
     ["finetune.models", "finetune.data", "finetune.metrics", "finetune.distributed.guards", "finetune.distributed.zero"],

@@ -108,6 +108,48 @@ def test_wrong_type_says_what_was_expected(tmp_path):
     assert "  - train.micro_batch_size: expected an integer, got 'four' (str).\n" in result.stderr
 
 
+def test_booleans_and_text_are_not_numbers(tmp_path):
+    """Strict types: `true` is not 1.0, `1` is not true, quoted text is not a number; YAML numbers (`1e-4` too, which
+    YAML 1.1 reads as text) are, in a file and in an override alike."""
+    result = cli("validate", "recipes/llama_lora.yaml", "train.learning_rate=true")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "error: 1 problem in recipes/llama_lora.yaml:\n  - train.learning_rate: expected a number, got True (bool).\n"
+    )
+    path = write_recipe(tmp_path, MINIMAL)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path, ["train.micro_batch_size=true", "adapter.alpha=true", "data.packing=1", "train.max_steps=1e3",
+                           "train.learning_rate='1e-4'"])  # fmt: skip
+    assert err.value.problems == [
+        "adapter.alpha: expected a number, got True (bool).",
+        "data.packing: expected true or false, got 1 (int).",
+        "train.max_steps: expected an integer, got 1000.0 (float). Write it as a whole number: 1000.",
+        "train.micro_batch_size: expected an integer, got True (bool).",
+        "train.learning_rate: expected a number, got '1e-4' (str). It is quoted, so it is text: write 1e-4 without quotes.",
+    ]
+    recipe = load_recipe(path, ["train.learning_rate=1e-4", "adapter.alpha=16", "train.epochs=2", "train.max_steps=10"])
+    assert (recipe.train.learning_rate, recipe.adapter.alpha, recipe.train.epochs, recipe.train.max_steps) == (1e-4, 16.0, 2.0, 10)
+    path.write_text("model: {name_or_path: m}\ndata: {train: t.jsonl}\noutput: {dir: o}\n"
+                    "train: {learning_rate: 5E-5, warmup_ratio: 1e-2, micro_batch_size: '4'}\n")  # fmt: skip
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert err.value.problems == [
+        "train.micro_batch_size: expected an integer, got '4' (str). It is quoted, so it is text: write 4 without quotes."
+    ]
+    path.write_text(path.read_text().replace("'4'", "4"))
+    recipe = load_recipe(path)
+    assert (recipe.train.learning_rate, recipe.train.warmup_ratio, recipe.train.micro_batch_size) == (5e-5, 1e-2, 4)
+
+
+def test_saved_recipe_reads_back_the_same(tmp_path):
+    """Text that the loader would read as a number (a revision `1234e56`) is quoted when a recipe is saved."""
+    from finetune.recipe import save_recipe
+
+    recipe = validate_recipe({**MINIMAL, "model": {"name_or_path": "some/model", "revision": "1234e56"}})
+    saved = save_recipe(recipe, tmp_path)
+    assert load_recipe(saved) == recipe
+
+
 def test_missing_required_field_names_it(tmp_path):
     path = write_recipe(tmp_path, {"model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}})
     result = cli("validate", str(path))
@@ -285,6 +327,30 @@ def test_every_command_help_exits_zero():
         assert "usage:" in result.stdout
     run_py = subprocess.run([sys.executable, str(REPO / "finetune" / "run.py"), "--help"], capture_output=True, text=True)
     assert run_py.returncode == 0 and "usage:" in run_py.stdout
+
+
+def test_commands_take_options_and_overrides_in_any_order():
+    from finetune.cli import parse_arguments
+
+    args = parse_arguments(["validate", "r.yaml", "train.seed=1", "--data", "adapter.r=4"])
+    assert (args.command, args.recipe, args.overrides, args.data) == ("validate", "r.yaml", ["train.seed=1", "adapter.r=4"], True)
+    args = parse_arguments(["train", "r.yaml", "train.seed=1", "adapter.r=4"])
+    assert (args.command, args.recipe, args.overrides) == ("train", "r.yaml", ["train.seed=1", "adapter.r=4"])
+    args = parse_arguments(["launch", "--dry-run", "r.yaml", "train.seed=1", "--nproc-per-node", "2", "adapter.r=4"])
+    assert (args.recipe, args.overrides, args.nproc_per_node, args.dry_run) == ("r.yaml", ["train.seed=1", "adapter.r=4"], 2, True)
+    assert parse_arguments(["validate", "r.yaml"]).overrides == []
+
+
+@pytest.mark.parametrize("command", ["train", "validate", "launch"])
+def test_overrides_are_not_listed_as_required(command):
+    result = cli(command)
+    assert result.returncode == 2
+    assert result.stderr.endswith(f"finetune {command}: error: the following arguments are required: recipe\n")
+    if command != "launch":  # launch's usage line wraps: its many options
+        assert result.stderr.splitlines()[0] == f"usage: finetune {command} [-h]{' [--data]' if command == 'validate' else ''} recipe [key.path=value ...]"
+    if command == "train":  # and `python finetune/run.py`, the launchers' entry point
+        run_py = subprocess.run([sys.executable, str(REPO / "finetune" / "run.py")], capture_output=True, text=True)
+        assert run_py.stderr.endswith("finetune train: error: the following arguments are required: recipe\n")
 
 
 def test_override_list_that_is_not_yaml_says_how_to_quote(tmp_path):

@@ -1,5 +1,6 @@
 """Fuzzing the recipe loader: every shipped recipe, mutated at random, gives RecipeError problems that each name a
-key path (or the override, or the file) and never any other exception.
+key path (or the override, or the file) and never any other exception; a value of the wrong type (a boolean for a
+number, quoted text for a boolean...) is refused with a problem naming its key, never coerced.
 
 The seed changes from run to run and is printed; replay a failure with `FUZZ_SEED=<seed>`. `FUZZ_CASES` sets the
 number of cases (default 1000).
@@ -14,6 +15,7 @@ import random
 import re
 import time
 from pathlib import Path
+from types import UnionType
 from typing import Any, get_args, get_origin
 
 import pytest
@@ -22,6 +24,7 @@ from pydantic import BaseModel
 
 from finetune.errors import RecipeError
 from finetune.recipe import Recipe, load_recipe
+from finetune.recipe.loading import write_yaml
 from support import REPO
 
 CASES = int(os.environ.get("FUZZ_CASES", "1000"))
@@ -66,6 +69,26 @@ SECTIONS = {p for p, f in SCHEMA.items() if _section(f.annotation) is not None}
 MAPPINGS = {p for p, f in SCHEMA.items() if any(get_origin(t) is dict for t in (f.annotation, *get_args(f.annotation)))}
 NUMERIC = [p for p, f in SCHEMA.items() if any(t in (int, float) for t in (f.annotation, *get_args(f.annotation)))]
 REQUIRED = ["model", "model.name_or_path", "data", "data.train", "output", "output.dir"]
+# Sections that are lists of sections (`data.train: [{path: ...}, ...]`): their keys are not set by a dotted path.
+LISTED = {p for p, f in SCHEMA.items() if _section(f.annotation) is not None and any(get_origin(t) is list for t in (f.annotation, *get_args(f.annotation)))}
+
+
+def scalar_kind(field) -> str | None:
+    """`int`, `float`, `bool` or `str` for a field of exactly that type (or that type or None), else None."""
+    annotation = field.annotation
+    types = [t for t in get_args(annotation) if t is not type(None)] if get_origin(annotation) is UnionType else [annotation]
+    return types[0].__name__ if len(types) == 1 and types[0] in (int, float, bool, str) else None
+
+
+TYPED = {p: scalar_kind(f) for p, f in SCHEMA.items()
+         if scalar_kind(f) and not any(p.startswith(s + ".") for s in LISTED)}  # fmt: skip
+# Values of another type than the key's, as a recipe file holds them and as an override writes them.
+WRONG_TYPES = {
+    "int": ([True, False, 2.5, "8", "1e-4", [1]], ["true", "no", "2.5", "'8'", "[1]"]),
+    "float": ([True, False, "1e-4", "0.5", [0.1]], ["true", "off", "'1e-4'", "\"0.5\"", "[0.1]"]),
+    "bool": ([1, 0, "true", "yes", 1.0], ["1", "0", "'true'", "1.0"]),
+    "str": ([1, 2.5, True, ["a"]], ["1", "2.5", "true", "[a]"]),
+}
 
 # A key path, then a colon ("train.learning_rate: ...") or, for a dotted path, a space ("data.packing is for sft").
 NAME, STEP = r"[A-Za-z_]\w*", r"(?:\.[A-Za-z_]\w*|\[\d+\])"
@@ -231,6 +254,19 @@ def mutate(rng: random.Random, data: Any) -> tuple[Any, list[str], str]:
     return data, [item], f"override {item!r}"
 
 
+def wrong_type(rng: random.Random, data: dict) -> tuple[dict, list[str], str, str]:
+    """A value of the wrong type for one typed key, in the file or as an override: the data, overrides, what was
+    done, and the key that must be refused."""
+    key = rng.choice(sorted(TYPED))
+    in_file, in_override = WRONG_TYPES[TYPED[key]]
+    if rng.random() < 0.5:
+        value = rng.choice(in_file)
+        set_path(data, key, value)
+        return data, [], f"wrong type {key} = {value!r}", key
+    item = f"{key}={rng.choice(in_override)}"
+    return data, [item], f"wrong type override {item!r}", key
+
+
 # --------------------------------------------------------------------------------------------
 # The test
 # --------------------------------------------------------------------------------------------
@@ -250,22 +286,34 @@ def test_problem_check_can_fail():
     assert problem_names_a_key("override 'y=1': expected key.path=value", ["x=1"]) == "names an override not given"
 
 
+def test_wrong_type_mutations_cover_every_kind():
+    """The typed keys the fuzz gives wrong types to: numbers, booleans and text of every section."""
+    assert {"train.learning_rate", "train.micro_batch_size", "adapter.alpha", "adapter.r", "data.max_length",
+            "data.packing", "model.name_or_path", "train.resume", "merge.tolerance"} <= set(TYPED)  # fmt: skip
+    assert not any(key.startswith(("data.train.", "data.eval.")) for key in TYPED)
+    assert TYPED["adapter.alpha"] == "float" and TYPED["train.max_steps"] == "int" and TYPED["deepspeed"] == "str"
+    assert "adapter.type" not in TYPED and "eval.prompts" not in TYPED  # a Literal, a list
+
+
 def test_mutated_recipes_give_recipe_errors_naming_keys(tmp_path):
     print(f"\nrecipe fuzz: FUZZ_SEED={SEED} FUZZ_CASES={CASES}")
     rng = random.Random(SEED)
     originals = {path: yaml.safe_load(path.read_text()) for path in shipped_recipes()}
     target = tmp_path / "case.yaml"
-    start, outcomes = time.perf_counter(), {"error": 0, "valid": 0}
+    start, outcomes = time.perf_counter(), {"error": 0, "valid": 0, "wrong type": 0}
     for case in range(CASES):
         source = rng.choice(list(originals))
-        data, overrides, done = copy.deepcopy(originals[source]), [], []
-        for _ in range(rng.choice([1, 1, 2, 3])):
+        data, overrides, done, must_refuse = copy.deepcopy(originals[source]), [], [], None
+        if rng.random() < 0.2:  # one value of the wrong type, alone, so nothing else can hide or remove it
+            data, overrides, what, must_refuse = wrong_type(rng, data)
+            done.append(what)
+        for _ in range(rng.choice([1, 1, 2, 3]) if must_refuse is None else 0):
             if not isinstance(data, dict):  # the root was replaced: nothing left to mutate inside
                 break
             data, more, what = mutate(rng, data)
             overrides += more
             done.append(what)
-        target.write_text(yaml.safe_dump(data, allow_unicode=True))
+        target.write_text(write_yaml(data))  # the kit's own writer: what it reads back is what was mutated
         where = f"FUZZ_SEED={SEED}, case {case}: {source.name} with {done}"
         try:
             load_recipe(target, overrides)
@@ -274,6 +322,7 @@ def test_mutated_recipes_give_recipe_errors_naming_keys(tmp_path):
         except Exception as exc:  # anything else would reach the user as a traceback
             pytest.fail(f"{where}: {type(exc).__name__}: {exc}")
         else:
+            assert must_refuse is None, f"{where}: accepted (the value was coerced to the key's type)"
             outcomes["valid"] += 1
             continue
         outcomes["error"] += 1
@@ -282,7 +331,12 @@ def test_mutated_recipes_give_recipe_errors_naming_keys(tmp_path):
             assert isinstance(problem, str) and problem.strip(), where
             why = problem_names_a_key(problem, overrides)
             assert why is None, f"{where}: problem {problem!r} {why}"
+        if must_refuse is not None:
+            outcomes["wrong type"] += 1
+            assert any(p.startswith(f"{must_refuse}: expected ") for p in error.problems), f"{where}: {error.problems}"
     seconds = time.perf_counter() - start
-    print(f"recipe fuzz: {CASES} cases in {seconds:.1f}s: {outcomes['error']} refused, {outcomes['valid']} still valid")
+    print(f"recipe fuzz: {CASES} cases in {seconds:.1f}s: {outcomes['error']} refused "
+          f"({outcomes['wrong type']} of them a wrong type), {outcomes['valid']} still valid")  # fmt: skip
     assert outcomes["error"] >= CASES // 2, outcomes  # the mutations must mostly break recipes, or they test nothing
+    assert outcomes["wrong type"] >= CASES // 10, outcomes
     assert seconds < 30 * max(1, CASES / 1000), f"{CASES} cases took {seconds:.0f}s"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,53 @@ def test_end_to_end_through_accelerate_launch(tiny_llama_dir, tmp_path):
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["last_loss"] < metrics["first_loss"]
     assert list((out / "runs").rglob("events.out.tfevents.*")), "report_to: tensorboard wrote no event file"
+
+
+STEP_LINE = re.compile(r"^step +(\d+)/(\d+) \| loss \d+\.\d{4} \| lr \d\.\d\de[-+]\d\d \| \d+ tokens/s \| \d+:\d\d elapsed, \d+:\d\d left$")
+EVAL_LINE = re.compile(r"^eval at step (\d+)/(\d+) \| loss \d+\.\d{4}( \| [a-z0-9_]+ -?\d+\.\d{4})* \| \d+\.\d s$")
+
+
+def test_log_lines_are_one_line_per_log():
+    from finetune.training.progress import clock_time, eval_line, step_line
+
+    logs = {"loss": 2.41734, "grad_norm": 1.425, "learning_rate": 0.0019375, "entropy": 2.1, "epoch": 0.09}
+    assert step_line(10, 112, logs, 612.4, 41.2, 422.0) == "step  10/112 | loss 2.4173 | lr 1.94e-03 | 612 tokens/s | 0:41 elapsed, 7:02 left"
+    assert step_line(1, 5, {"loss": 3.0}, None, None, None) == "step 1/5 | loss 3.0000"
+    evaluated = {"eval_loss": 1.23401, "eval_accuracy": 0.912, "eval_f1_macro": 0.90512, "eval_runtime": 3.14,
+                 "eval_samples_per_second": 25.5, "eval_steps_per_second": 1.6, "epoch": 1.0}  # fmt: skip
+    assert eval_line(56, 112, evaluated) == "eval at step 56/112 | loss 1.2340 | accuracy 0.9120 | f1_macro 0.9051 | 3.1 s"
+    assert STEP_LINE.match(step_line(10, 112, logs, 612.4, 41.2, 422.0)) and EVAL_LINE.match(eval_line(56, 112, evaluated))
+    assert [clock_time(s) for s in (0.4, 41, 422, 3909)] == ["0:00", "0:41", "7:02", "1:05:09"]
+
+
+def test_training_prints_lines_and_keeps_the_full_history(tiny_llama_dir, tmp_path, capsys):
+    """One line per logging step and per evaluation instead of the Trainer's dictionaries; train_metrics.json and
+    TensorBoard still get every logged number."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from finetune.runner import run
+    from finetune.training.progress import ProgressLines
+
+    recipe = validate_recipe(sft_recipe(tiny_llama_dir, tmp_path, data={"eval_fraction": 0.2},
+                                        train={"epochs": 2, "logging_steps": 2, "report_to": "tensorboard"}))  # fmt: skip
+    result = run(recipe)
+    printed = capsys.readouterr().out.splitlines()
+    assert not [line for line in printed if line.startswith("{")], printed  # no dictionaries
+    history = result.metrics["log_history"]
+    steps = [line for line in printed if line.startswith("step ")]
+    assert all(STEP_LINE.match(line) for line in steps), steps
+    assert [int(STEP_LINE.match(line)[1]) for line in steps] == [h["step"] for h in history if "loss" in h]
+    evals = [line for line in printed if line.startswith("eval at ")]
+    assert all(EVAL_LINE.match(line) for line in evals), evals
+    assert [int(EVAL_LINE.match(line)[1]) for line in evals] == [h["step"] for h in history if "eval_loss" in h]
+    printers = [type(cb) for cb in result.trainer.callback_handler.callbacks if isinstance(cb, (ProgressCallback, PrinterCallback))]
+    assert printers == [ProgressLines]
+    saved = json.loads((Path(recipe.output.dir) / "train_metrics.json").read_text())["log_history"]
+    assert saved == json.loads(json.dumps(history)) and all("grad_norm" in h for h in saved if "loss" in h)
+    events = EventAccumulator(str(next((Path(recipe.output.dir) / "runs").rglob("events.out.tfevents.*")))).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [h["step"] for h in history if "loss" in h]
+    assert [e.step for e in events.Scalars("eval/loss")] == [h["step"] for h in history if "eval_loss" in h]
 
 
 def test_bad_data_fails_before_model_load_without_traceback(tiny_llama_dir, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from finetune.commands.common import recipe_key_help
+from finetune.commands.common import recipe_key_help, run_recipe
 from finetune.errors import FinetuneError
 
 HELP = "Answer prompts with a finished SFT run's adapter (or its base, with --base)."
@@ -33,17 +33,17 @@ def load_for_chat(run_dir: str, base_only: bool = False):
     """Base model (+ the run's adapter unless `base_only`) and tokenizer of a finished SFT run."""
     from pathlib import Path
 
+    run = Path(run_dir)
+    if not (run / "recipe.yaml").is_file():
+        raise FinetuneError(f"{run}: not a run folder (no recipe.yaml). Give the output.dir of a finished run.")
+    recipe = run_recipe(run, "chat")  # a classifier's encoder loaded as a causal LM would answer with random words
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from finetune.models.adapters import load_adapter
     from finetune.models.loading import load_checkpoint, resolve_model_path
-    from finetune.recipe import load_recipe
 
-    run = Path(run_dir)
-    if not (run / "recipe.yaml").is_file():
-        raise FinetuneError(f"{run}: not a run folder (no recipe.yaml). Give the output.dir of a finished run.")
-    recipe = load_recipe(run / "recipe.yaml")
     base = resolve_model_path(recipe.model)
     trust = recipe.model.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(run if (run / "tokenizer_config.json").is_file() else base, trust_remote_code=trust)

@@ -7,9 +7,14 @@ import logging
 import os
 import sys
 import warnings
-from typing import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from finetune.errors import FinetuneError
+from finetune.notices import quiet_library_notices
+
+if TYPE_CHECKING:
+    from finetune.recipe import Recipe
 
 
 def guarded(action: Callable[[], int]) -> int:
@@ -27,7 +32,9 @@ def guarded(action: Callable[[], int]) -> int:
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="Path to a YAML recipe (see recipes/).")
     parser.add_argument(
-        "overrides", nargs="*", metavar="key.path=value", help="Override recipe values, e.g. train.learning_rate=1e-4."
+        "overrides", nargs="*", default=[], metavar="key.path=value",  # a default: not listed as required when absent
+        help="Override recipe values, e.g. train.learning_rate=1e-4 (read as YAML, like the recipe: `true` is a "
+        "boolean, `'5'` is text). Options and overrides may come in any order.",
     )
 
 
@@ -39,24 +46,37 @@ def recipe_key_help(key: str, lead: str = "") -> str:
     return f"{lead}{description(key)} (Overrides the recipe's `{key}`.)"
 
 
-class _DropMessages(logging.Filter):
-    """Drops import-time notices that say nothing actionable on a CPU run."""
+# What each task's finished run is used with: a run of another task is pointed there.
+RUN_COMMANDS = {
+    "sft": ("an SFT", "chat", "answers prompts with", '--prompt "..."'),
+    "classification": ("a classification", "predict", "labels texts with", '--text "..."'),
+}
 
-    def __init__(self, *fragments: str):
-        super().__init__()
-        self.fragments = fragments
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(f in message for f in self.fragments)
+def run_recipe(target: str | Path, command: str) -> Recipe | None:
+    """The recipe of a run folder (its saved recipe.yaml) or a recipe file, refused when its task is not the one
+    `command` works on, with the command that works on it. None when there is no recipe (the command says so)."""
+    from finetune.recipe import load_recipe
+
+    target = Path(target)
+    path = target / "recipe.yaml" if target.is_dir() else target
+    if not path.is_file():
+        return None
+    recipe = load_recipe(path)
+    wanted = next(task for task, (_, name, _, _) in RUN_COMMANDS.items() if name == command)
+    if recipe.task == wanted:
+        return recipe
+    kind, _, does, _ = RUN_COMMANDS[wanted]
+    what, other, other_does, example = RUN_COMMANDS.get(recipe.task, (f"a {recipe.task}", None, None, None))
+    where = f"{what} run (task: {recipe.task} in its recipe.yaml)" if target.is_dir() else f"{what} recipe (task: {recipe.task})"
+    run_dir = target if target.is_dir() else recipe.output.dir  # chat takes a run folder only
+    hint = f" `finetune {other}` {other_does} it: finetune {other} {run_dir} {example}" if other else ""
+    raise FinetuneError(f"{target} is {where}; `finetune {command}` {does} {kind} run.{hint}")
 
 
 def setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
-    # bitsandbytes looks for an optional hub kernel package at import, even for unquantized runs; DeepSpeed
-    # announces the CPU accelerator in every process. Both are noise to a user who did not ask for either.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessages("kernels-community"))
-    logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU"))
+    quiet_library_notices()  # bitsandbytes' kernels-community notice, DeepSpeed's CPU accelerator (finetune/notices.py)
     # peft and trl read transformers' deprecated `is_gradient_checkpointing`; nothing the user can change.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logging.basicConfig(

@@ -14,7 +14,10 @@ HELP = "Run a recipe on several processes or machines (accelerate, torchrun, dee
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="Path to a YAML recipe.")
-    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="Recipe overrides, as for `finetune train`.")
+    parser.add_argument(
+        "overrides", nargs="*", default=[], metavar="key.path=value",
+        help="Recipe overrides, as for `finetune train`; before, between or after the options.",
+    )
     parser.add_argument("--launcher", choices=LAUNCHERS, default="accelerate", help="Process launcher (default: accelerate).")
     where = parser.add_argument_group("nodes")
     where.add_argument("--hostfile", help="DeepSpeed-style hostfile, `HOST slots=N` per line; the first host is node 0.")

@@ -6,20 +6,25 @@ import argparse
 import json
 from pathlib import Path
 
+from finetune.commands.common import run_recipe
 from finetune.errors import FinetuneError
-from finetune.evaluation.classifier import Classifier, load_classifier, predict_logits, top_labels
+from finetune.evaluation.classifier import load_classifier, predict_logits, run_folder, top_labels
 
 
-def read_texts(args, classifier: Classifier) -> tuple[list[str], list[str] | None]:
-    """Texts from --text, and from --file: one per line, or a .jsonl file with the run's text (and pair) column."""
+def read_texts(args, recipe) -> tuple[list[str], list[str] | None]:
+    """Texts from --text, and from --file: one per line, or a .jsonl file with the run's text (and pair) column.
+    An empty (or whitespace-only) text has no label to give: it is an error naming it, or its line."""
     from finetune.data.rows import jsonl_rows
 
-    c = classifier.recipe.classification
+    c = recipe.classification
     if c.text_pair_column and (args.text or not (args.file or "").endswith(".jsonl")):
         raise FinetuneError(
             f"this run classifies text pairs ({c.text_column}, {c.text_pair_column}): give them in a .jsonl --file"
         )
     texts = list(args.text or [])
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            raise FinetuneError(f"--text {_nth(number, len(texts))}is empty{_blank(text)}: there is nothing to classify in it.")
     pairs: list[str] | None = None
     if args.file:
         path = Path(args.file)
@@ -32,14 +37,31 @@ def read_texts(args, classifier: Classifier) -> tuple[list[str], list[str] | Non
                 missing = [name for name in columns if not isinstance(row.get(name), str)]
                 if missing:
                     raise FinetuneError(f"{path}, line {number}: no text in {missing} (the run's classification columns)")
+                empty = [name for name in columns if not row[name].strip()]
+                if empty:
+                    raise FinetuneError(f"{path}, line {number}: {empty[0]!r} is empty{_blank(row[empty[0]])}: there is nothing to classify in it.")
                 rows.append(row)
             texts += [row[c.text_column] for row in rows]
             pairs = [row[c.text_pair_column] for row in rows] if c.text_pair_column else None
         else:
-            texts += [line for line in path.read_text().splitlines() if line.strip()]
+            lines = path.read_text().splitlines()
+            while lines and not lines[-1].strip():  # blank lines after the last text end the file, they are no text
+                lines.pop()
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    raise FinetuneError(f"{path}, line {number} is empty{_blank(line)}: one text per line, and this line has none.")
+            texts += lines
     if not texts:
         raise FinetuneError("nothing to classify: give --text (repeatable) or --file")
     return texts, pairs
+
+
+def _nth(number: int, count: int) -> str:
+    return "" if count == 1 else f"number {number} "
+
+
+def _blank(text: str) -> str:
+    return " (only whitespace)" if text else ""
 
 
 HELP = "Label texts with a finished classification run (top labels with probabilities)."
@@ -57,8 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.top_k < 1:
         raise FinetuneError("--top-k must be at least 1")
-    classifier = load_classifier(args.run)
-    texts, pairs = read_texts(args, classifier)
+    recipe = run_recipe(args.run, "predict")  # an SFT run has no labels to give
+    folder = run_folder(args.run)  # says what a folder lacks (labels.json, recipe.yaml)
+    texts, pairs = read_texts(args, recipe)  # before the model loads: a bad input costs no load
+    classifier = load_classifier(folder)
     results = top_labels(classifier, predict_logits(classifier, texts, pairs), min(args.top_k, len(classifier.labels.names)))
     if args.json:
         print(json.dumps([{"text": text, **result} for text, result in zip(texts, results)], indent=2))

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from finetune.commands.common import add_recipe_arguments
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, RecipeError
 from finetune.paths import PACKAGE_SCHEME, resolve_package_path
 from finetune.recipe import Recipe
 
@@ -40,6 +40,9 @@ def validate_command(recipe: Recipe, path: str, check_rows: bool = False) -> int
             rows = task.read_rows(recipe, group, tokenizer)
             note = f", {rows.skipped} unusable skipped" if rows.skipped else ""
             print(f"  {key}: {len(rows.rows)} usable rows{note}")
+            problems = task.training_rows_problems(recipe, rows) if key == "data.train" else []
+            if problems:
+                raise RecipeError(problems, source=path)
     return 0
 
 

@@ -117,6 +117,43 @@ def model_problem(model: ModelConfig) -> str | None:
     return None
 
 
+def model_config(model: ModelConfig) -> tuple[dict, str] | None:
+    """The model's config (as config.json holds it) and where it was read, without loading any weights: a local
+    folder's config.json, a GGUF's converted folder or else its header, or a hub id's config.json in the local hub
+    cache. None when it cannot be read here (a hub id not downloaded, a damaged file): checks that need it are
+    skipped, and loading reports the rest."""
+    from finetune.models.gguf import converted_folder, gguf_config
+
+    try:
+        name = local_name(model)
+    except FinetuneError:
+        return None
+    folder = Path(name).expanduser()
+    try:
+        if model.gguf_file:
+            source = folder / model.gguf_file
+            if (converted_folder(source) / "config.json").is_file():
+                return _json_object(converted_folder(source) / "config.json"), model.gguf_file
+            return gguf_config(source), model.gguf_file
+        if (folder / "config.json").is_file():
+            return _json_object(folder / "config.json"), f"{model.name_or_path.rstrip('/')}/config.json"
+        if folder.exists() or _looks_like_a_path(name):
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json", revision=model.revision)  # the cache only, no network
+        return (_json_object(Path(cached)), f"{name}'s config.json") if isinstance(cached, str) else None
+    except (OSError, ValueError, UnicodeDecodeError):  # unreadable, not JSON, not GGUF, not a hub id
+        return None
+
+
+def _json_object(path: Path) -> dict:
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return config
+
+
 def read_pickled_state_dict(path: Path) -> dict:
     """A state dict from a pickle, read with `torch.load(weights_only=True)`: tensors and plain containers only, so
     nothing in the file runs. Anything else in it is refused with the reason."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -67,3 +68,67 @@ def convert_gguf(folder: Path, gguf_file: str) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# GGUF metadata value types (the GGUF spec): fixed-size scalars by their struct format; 8 is a string, 9 an array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def gguf_metadata(source: Path) -> dict:
+    """The scalar and string metadata of a GGUF file (`general.architecture`, `llama.context_length`...), read from
+    its header with `struct` alone: no tensors, no arrays (the tokenizer's are skipped), no numpy. Raises ValueError
+    for a file that is not GGUF version 2 or 3."""
+    with open(source, "rb") as fh:
+
+        def read(fmt: str):
+            size = struct.calcsize("<" + fmt)
+            data = fh.read(size)
+            if len(data) != size:
+                raise ValueError(f"{source}: the GGUF header ends early")
+            return struct.unpack("<" + fmt, data)[0]
+
+        def string() -> str:
+            return fh.read(read("Q")).decode("utf-8", "replace")
+
+        def skip(kind: int) -> None:
+            if kind == _STRING:
+                fh.seek(read("Q"), 1)
+            elif kind == _ARRAY:
+                item, count = read("I"), read("Q")
+                if item in _SCALARS:
+                    fh.seek(count * struct.calcsize("<" + _SCALARS[item]), 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            elif kind in _SCALARS:
+                fh.seek(struct.calcsize("<" + _SCALARS[kind]), 1)
+            else:
+                raise ValueError(f"{source}: unknown GGUF value type {kind}")
+
+        if fh.read(4) != b"GGUF" or read("I") not in (2, 3):
+            raise ValueError(f"{source}: not a GGUF file of version 2 or 3")
+        read("Q")  # tensor count
+        metadata = {}
+        for _ in range(read("Q")):
+            key, kind = string(), read("I")
+            if kind == _STRING:
+                metadata[key] = string()
+            elif kind in _SCALARS:
+                metadata[key] = read(_SCALARS[kind])
+            else:
+                skip(kind)
+    return metadata
+
+
+def gguf_config(source: Path) -> dict:
+    """What a GGUF's metadata says of the config.json transformers would build from it: the architecture, context
+    length, hidden size and layers (the keys the checks read)."""
+    metadata = gguf_metadata(source)
+    arch = metadata.get("general.architecture")
+    config = {"model_type": arch}
+    for ours, theirs in (("max_position_embeddings", "context_length"), ("hidden_size", "embedding_length"),
+                         ("num_hidden_layers", "block_count")):  # fmt: skip
+        if isinstance(metadata.get(f"{arch}.{theirs}"), int):
+            config[ours] = metadata[f"{arch}.{theirs}"]
+    return config

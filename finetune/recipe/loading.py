@@ -34,7 +34,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
             source=str(path),
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = read_yaml(text)
     except yaml.YAMLError as exc:
         raise RecipeError([f"not valid YAML: {exc}"], source=str(path)) from None
     if data is None:
@@ -51,6 +51,35 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise RecipeError(problems, source=str(path))
     resolve_data_paths(recipe, path.resolve().parent)
     return recipe
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-4` and `5E3` as numbers as YAML 1.2 does: YAML 1.1 wants a dot
+    (`1.0e-4`) and reads `1e-4` as text, which the recipe's strict types would then refuse."""
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """The safe dumper that quotes what `_RecipeLoader` would read as a number (a revision `1234e56`)."""
+
+
+for _resolver in (_RecipeLoader, _RecipeDumper):
+    _resolver.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+    )
+
+
+def read_yaml(text: str) -> Any:
+    """One YAML document, read safely (plain data only), as recipe files and `key.path=value` overrides are read."""
+    loader = _RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def write_yaml(data: Any) -> str:
+    """`data` as YAML that `read_yaml` reads back as the same values (keys in their order)."""
+    return yaml.dump(data, Dumper=_RecipeDumper, sort_keys=False)
 
 
 def path_problems(recipe: Recipe) -> list[str]:
@@ -80,7 +109,8 @@ def resolve_data_paths(recipe: Recipe, recipe_dir: Path) -> None:
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Set `a.b.c=value` pairs into a copy of `data`; values are parsed as YAML (`3`, `true`, `[a, b]`)."""
+    """Set `a.b.c=value` pairs into a copy of `data`; each value is read as YAML, like the same value in a recipe
+    file: `3` and `1e-4` are numbers, `true` is a boolean, `[a, b]` a list, `'3'` and anything else text."""
     import copy
 
     data = copy.deepcopy(data)
@@ -95,7 +125,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             problems.append(f"override {item!r}: {key.strip()!r} has an empty part; expected key.path=value")
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = read_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             if raw.strip()[:1] in "[{":
                 problems.append(
@@ -262,6 +292,7 @@ def format_errors(exc: ValidationError) -> list[str]:
                 msg += f" Did you mean '{hint[0]}'?"
         elif kind in _EXPECTED:
             msg = f"{where}: expected {_EXPECTED[kind]}, got {_show(value)} ({type(value).__name__})."
+            msg += _type_hint(kind, value)
         elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
             interval = _interval(_field_at(loc))
             if interval:  # bounded on both sides: say the whole range
@@ -287,6 +318,23 @@ def format_errors(exc: ValidationError) -> list[str]:
             msg = f"{where}: {err['msg']} (got {_show(value)})."
         problems.append(msg)
     return problems
+
+
+def _type_hint(kind: str, value: Any) -> str:
+    """The fix for a value of the wrong type that is one edit from right: quoted text that would have the expected
+    type without its quotes (`'1e-4'`, `"true"`), or a whole number written as a float (`1e3` for an integer)."""
+    if kind == "int_type" and isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return f" Write it as a whole number: {int(value)}."
+    wanted = {"int_type": (int,), "float_type": (int, float), "bool_type": (bool,)}.get(kind)
+    if wanted is None or not isinstance(value, str):
+        return ""
+    try:
+        unquoted = read_yaml(value)
+    except yaml.YAMLError:
+        return ""
+    if type(unquoted) not in wanted:  # type(), not isinstance: a boolean is not a number here
+        return ""
+    return f" It is quoted, so it is text: write {value} without quotes."
 
 
 # What a sensible value looks like, after "out of range", for keys where the range alone does not say.
@@ -359,5 +407,5 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 def save_recipe(recipe: Recipe, folder: str | os.PathLike, name: str = "recipe.yaml") -> Path:
     path = Path(folder) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    path.write_text(write_yaml(recipe_to_dict(recipe)))
     return path

@@ -16,9 +16,11 @@ MergeDtype = Annotated[Literal["fp32", "bf16", "fp16"] | None, BeforeValidator(c
 
 
 class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, values are re-validated on assignment."""
+    """Base of every recipe section: unknown keys are errors, values are re-validated on assignment, and types are
+    strict: `true` is not the number 1, `1` is not `true`, `"1e-4"` (text) is not a number. The loader reads YAML
+    numbers the way YAML 1.2 does (`1e-4` too), so only what was written as something else is refused."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), strict=True)
 
 
 class ModelConfig(Section):

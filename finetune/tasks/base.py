@@ -30,6 +30,12 @@ class Task:
         With the base model's `tokenizer`, rows that tokenize to nothing to learn from are counted too."""
         raise NotImplementedError
 
+    @classmethod
+    def training_rows_problems(cls, recipe: Recipe, rows) -> list[str]:
+        """What the training rows (`read_rows`' result) and the model's config rule out together, read without the
+        model (a classifier's label count); `finetune validate --data` reports them, `prepare_data` raises them."""
+        return []
+
     def prepare_data(self, tokenizer, model_path: str, main_first) -> None:
         """Set `train_dataset`, `eval_dataset` (None without eval data) and `skipped`. `main_first` is accelerate's
         `main_process_first`, for work the main process should do (and cache) before the others read it."""

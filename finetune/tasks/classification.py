@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from finetune.checks import head_problems
 from finetune.data.classification import LabelMap, prepare_classification_data, tokenize_classification
 from finetune.errors import RecipeError
 from finetune.recipe import DataSource, Recipe
@@ -202,10 +203,18 @@ class ClassificationTask(Task):
 
         return load_classification_rows(sources, recipe)
 
+    @classmethod
+    def training_rows_problems(cls, recipe: Recipe, rows) -> list[str]:
+        labels = LabelMap.from_training([r["labels"] for r in rows.rows], recipe.classification.multi_label)
+        return head_problems(recipe, list(labels.names))
+
     def prepare_data(self, tokenizer, model_path: str, main_first) -> None:
         # Everything that reads data or names a metric comes before the model load: a bad row costs seconds.
         recipe = self.recipe
         self.data = prepare_classification_data(recipe)
+        problems = head_problems(recipe, list(self.data.labels.names))
+        if problems:
+            raise RecipeError(problems)
         self.metrics = ClassificationMetrics(self.data.labels, recipe.eval.metrics)
         check_best_metric(recipe, self.metrics)
         max_length = check_max_length(recipe, model_path, tokenizer)
