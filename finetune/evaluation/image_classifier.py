@@ -26,13 +26,20 @@ def load_run_model(folder: Path, recipe, labels):
     import torch
 
     from finetune.models.loading import load_checkpoint, quiet_transformers
-    from finetune.models.vision import ARCHITECTURE_FILE, build_image_model, build_plain_from_record, plain_classifier
+    from finetune.models.vision import (
+        ARCHITECTURE_FILE,
+        build_image_model,
+        build_plain_from_record,
+        plain_classifier,
+        prepare_for_saved_adapter,
+    )
 
     if (folder / "adapter_config.json").is_file():
         from finetune.models.adapters import load_adapter
 
         with quiet_transformers():
             base = build_image_model(recipe, labels, dtype=torch.float32).model
+        prepare_for_saved_adapter(base, folder)
         return load_adapter(base, folder)
     if (folder / "config.json").is_file():
         from transformers import AutoModelForImageClassification

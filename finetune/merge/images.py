@@ -94,7 +94,7 @@ def write_image_merge(run: ImageRun, tmp: Path, dtype, verify: bool, tolerance: 
     from finetune.merge.verify import default_tolerance
     from finetune.models.adapters import load_adapter
     from finetune.models.loading import quiet_transformers
-    from finetune.models.vision import ARCHITECTURE_FILE, architecture_record, build_image_model
+    from finetune.models.vision import ARCHITECTURE_FILE, architecture_record, build_image_model, prepare_for_saved_adapter
 
     recipe, labels = run.recipe, run.labels
     dtype = torch_dtype(dtype) if isinstance(dtype, str) else (dtype or torch_dtype(recipe.merge.dtype or "fp32"))
@@ -102,6 +102,7 @@ def write_image_merge(run: ImageRun, tmp: Path, dtype, verify: bool, tolerance: 
     t0 = time.perf_counter()
     with quiet_transformers():
         built = build_image_model(recipe, labels, dtype=torch.float32)
+    prepare_for_saved_adapter(built.model, run.adapter_dir)
     model = load_adapter(built.model, run.adapter_dir).eval()
     grouped = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and getattr(m.get_base_layer(), "groups", 1) > 1]
     if grouped:

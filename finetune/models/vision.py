@@ -398,9 +398,14 @@ def freeze_norm_statistics(model, heads: list[str]) -> int:
 
 
 def _adaptable(module) -> bool:
+    """A layer PEFT's LoRA can add an update to that lines up with the layer's output: a linear layer, a plain
+    convolution, or a 1x1 convolution of a subclass (a "same"-padding convolution pads inside its own forward, which
+    LoRA's parallel convolution would not, so its output would not line up for a larger kernel)."""
     from torch import nn
 
-    return isinstance(module, (nn.Linear, nn.Conv2d))
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and (type(module) is nn.Conv2d or module.kernel_size == (1, 1))
 
 
 def _depthwise(module) -> bool:
@@ -446,6 +451,47 @@ def lora_targets(model, recipe: Recipe, heads: list[str]) -> list[str]:
     if any(_depthwise(named[n]) for n in names):
         log.warning("LoRA on grouped (depthwise) convolutions: PEFT cannot merge them, so `finetune merge` will refuse this run.")
     return names
+
+
+def plain_convolutions(model, names: list[str]) -> list[str]:
+    """Swap each 1x1 convolution among `names` whose class is a subclass of `nn.Conv2d` for a plain `nn.Conv2d`
+    holding the same parameters, when the two give the same output (checked on a random input): PEFT builds its
+    LoRA layers with the base layer's own class, and a "same"-padding subclass (EfficientNet ports, timm's
+    Conv2dSame) cannot be built that way. Returns the names swapped; a subclass that computes something else
+    (weight standardization, say) raises."""
+    import torch
+    from torch import nn
+
+    swapped = []
+    named = dict(model.named_modules())
+    for name in names:
+        module = named[name]
+        if not isinstance(module, nn.Conv2d) or type(module) is nn.Conv2d:
+            continue
+        plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                          module.dilation, module.groups, module.bias is not None)  # fmt: skip
+        plain.weight, plain.bias = module.weight, module.bias  # the same Parameters: key names and values unchanged
+        probe = torch.randn(2, module.in_channels, 7, 7, dtype=module.weight.dtype, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            same = torch.allclose(module(probe), plain(probe), rtol=1e-5, atol=1e-6)
+        if not same:
+            raise FinetuneError(
+                f"adapter.target_modules: {name} ({type(module).__name__}) does more than a convolution in its forward, "
+                "so LoRA's update would not line up with it; leave it out of adapter.target_modules."
+            )
+        parent, _, attr = name.rpartition(".")
+        setattr(named[parent] if parent else model, attr, plain)
+        swapped.append(name)
+    return swapped
+
+
+def prepare_for_saved_adapter(model, adapter_dir: Path) -> None:
+    """Before PEFT loads a saved image adapter onto a rebuilt base: the same plain convolutions training made."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        return
+    plain_convolutions(model, [n for n, _ in model.named_modules() if n in set(targets)])
 
 
 def check_input_size(model, size: int, source: str) -> None:

@@ -92,13 +92,17 @@ class ImageClassificationTask(Task):
 
     def attach_adapter(self, model, heads: list[str]):
         from finetune.models.adapters import attach_adapter, build_lora_config
-        from finetune.models.vision import lora_targets
+        from finetune.models.vision import lora_targets, plain_convolutions
 
         if self.recipe.adapter.type != "lora":
             return attach_adapter(model, self.recipe, task_type=None, head_modules=heads)  # none / head: no PEFT
         from peft import get_peft_model
 
         self.targets = lora_targets(model, self.recipe, heads)
+        swapped = plain_convolutions(model, self.targets)  # PEFT builds LoRA layers with the base layer's class
+        if swapped:
+            log.info("%d 1x1 convolution(s) of an nn.Conv2d subclass became plain nn.Conv2d for LoRA (same weights, "
+                     "same output).", len(swapped))
         config = build_lora_config(self.recipe, None, heads)
         config.target_modules = set(self.targets)  # full names, resolved for this architecture
         if self.recipe.train.gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):
