@@ -64,29 +64,49 @@ def resnet_lora_run(tiny_resnet_dir, toy_images_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ["resnet", "vit"])
-@pytest.mark.parametrize("mode", ["lora", "head"])
+@pytest.mark.parametrize("mode", ["lora", "head", "head-cached"])
 def test_tiny_models_learn_toy_images_and_keep_the_backbone_frozen(arch, mode, tiny_resnet_dir, tiny_vit_dir, toy_images_dir, tmp_path, request):
+    """`head`: every step runs the whole model (the frozen BatchNorm layers see training mode and must ignore it);
+    `head-cached`: the backbone runs once and the head trains on its features."""
     model_dir = tiny_resnet_dir if arch == "resnet" else tiny_vit_dir
     if arch == "resnet" and mode == "lora":
         recipe, result = request.getfixturevalue("resnet_lora_run")
     else:
-        rate = {"learning_rate": 3e-2} if mode == "head" else {}  # a head alone on random features takes a larger step
-        recipe = image_recipe(model_dir, toy_images_dir, tmp_path / "out", adapter={"type": mode}, train=rate)
+        rate = {"learning_rate": 3e-2} if mode != "lora" else {}  # a head alone on random features takes a larger step
+        image = {"cache_features": mode == "head-cached"}
+        recipe = image_recipe(model_dir, toy_images_dir, tmp_path / "out", adapter={"type": mode.split("-")[0]}, train=rate, image=image)
         result = train(recipe)
+    model = result.model.model if type(result.model).__name__ == "CachedFeatureClassifier" else result.model
+    assert (model is not result.model) == (mode == "head-cached")
     report = json.loads((result.output_dir / "eval_metrics.json").read_text())
     assert report["num_examples"] == 9
     assert report["accuracy"] >= 8 / 9, report  # untrained: a third; the colours are separable
     assert (result.output_dir / "confusion_matrix.png").is_file()
     assert LabelMap.load(result.output_dir).names == LABELS.names
-    compared = assert_backbone_unchanged(result.model, fresh_base(recipe), ("classifier",))
+    compared = assert_backbone_unchanged(model, fresh_base(recipe), ("classifier",))
     assert compared > (20 if arch == "resnet" else 30)  # every conv/attention weight, and BatchNorm statistics
     if mode == "lora":
-        lora = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+        lora = [p for n, p in model.named_parameters() if "lora_B" in n]
         assert lora and all(p.abs().sum() > 0 for p in lora)  # LoRA B starts at zero: it moved
     else:
         assert not (result.output_dir / "adapter_config.json").exists()
-        trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable and all(n.startswith("classifier.") for n in trainable)
+
+
+def test_cached_features_give_the_whole_model_logits(tiny_resnet_dir, toy_images_dir, tmp_path):
+    """The head trained on cached features, saved inside the whole model: the run folder's model on the held-out
+    images gives the logits the trainer computed from the cached features."""
+    from finetune.data.images import prepare_image_data
+    from finetune.evaluation.image_classifier import load_image_classifier, predict_image_logits
+
+    recipe = image_recipe(tiny_resnet_dir, toy_images_dir, tmp_path / "out", adapter="head", train={"epochs": 2})
+    result = train(recipe)
+    assert type(result.trainer.eval_dataset).__name__ == "FeatureDataset"
+    from_features = torch.as_tensor(result.trainer.predict(result.trainer.eval_dataset).predictions)
+    rows = prepare_image_data(validate_recipe(recipe)).eval_rows
+    whole = predict_image_logits(load_image_classifier(result.output_dir), [Path(r["image"]) for r in rows])
+    assert torch.allclose(whole, from_features, atol=1e-5)
 
 
 def test_batchnorm_statistics_move_in_a_full_fine_tune(tiny_resnet_dir, toy_images_dir, tmp_path):

@@ -290,3 +290,17 @@ class ImageDataset:
         except ValueError as exc:
             raise DataError(f"{row['origin']}: {exc}") from None
         return {"pixel_values": self.preprocessing(image, train=self.train), "labels": self.labels.encode(row["labels"])}
+
+
+class FeatureDataset:
+    """{features, labels} rows of features computed once by a frozen backbone (head-only training)."""
+
+    def __init__(self, features, labels):
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"features": self.features[index], "labels": self.labels[index]}

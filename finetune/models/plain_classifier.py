@@ -20,3 +20,23 @@ class PlainImageClassifier(nn.Module):
         logits = self.model(pixel_values)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+class CachedFeatureClassifier(nn.Module):
+    """Head-only training on features computed once: `forward(features, labels=None)` runs only the head of the
+    whole model it holds (so checkpoints, parameter counts and the saved run keep the whole model, backbone frozen).
+
+    The features are what the head module received in the full model's forward, so the logits are the full model's
+    (in eval mode: a dropout before the head is not applied)."""
+
+    main_input_name = "features"
+
+    def __init__(self, model: nn.Module, head: str):
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def forward(self, features, labels=None):
+        logits = self.model.get_submodule(self.head)(features)
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)

@@ -494,6 +494,28 @@ def prepare_for_saved_adapter(model, adapter_dir: Path) -> None:
     plain_convolutions(model, [n for n, _ in model.named_modules() if n in set(targets)])
 
 
+def head_inputs(model, head: str, dataset, batch_size: int = 64):
+    """What `head` receives in `model`'s forward (eval mode, no gradients) for every row of `dataset`: the frozen
+    backbone's features, computed once. Returns (features, labels) tensors in the dataset's order."""
+    import torch
+
+    captured = []
+    hook = model.get_submodule(head).register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    labels = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                model(pixel_values=torch.stack([item["pixel_values"] for item in items]))
+                labels += [item["labels"] for item in items]
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return torch.cat(captured), torch.tensor(labels)
+
+
 def check_input_size(model, size: int, source: str) -> None:
     """One forward pass on a blank `size` x `size` image, in eval mode: an input size the model cannot take fails
     here, in a second, with the model's own reason, instead of in the first training step."""

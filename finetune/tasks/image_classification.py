@@ -38,6 +38,18 @@ def save_image_files(out: Path, recipe: Recipe, labels, preprocessing: Preproces
         (out / ARCHITECTURE_FILE).write_text(json.dumps(architecture_record(recipe, labels), indent=2) + "\n")
 
 
+def save_whole_model(built, out: Path) -> None:
+    """The whole model in the run folder, as a full fine-tune saves it: a transformers folder, or the plain model's
+    state dict (`model.safetensors`, keys as `PlainImageClassifier` has them)."""
+    if built.source.is_hf:
+        built.model.save_pretrained(out)
+        return
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in built.model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
 class ImageClassificationTask(Task):
     """A pretrained image model, a new head for the recipe's labels, and LoRA, head-only or full training."""
 
@@ -94,6 +106,8 @@ class ImageClassificationTask(Task):
         from finetune.models.adapters import attach_adapter, build_lora_config
         from finetune.models.vision import lora_targets, plain_convolutions
 
+        if self.caches_features(heads):
+            return self.cache_features(model, heads[0])
         if self.recipe.adapter.type != "lora":
             return attach_adapter(model, self.recipe, task_type=None, head_modules=heads)  # none / head: no PEFT
         from peft import get_peft_model
@@ -109,6 +123,27 @@ class ImageClassificationTask(Task):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         return get_peft_model(model, config)
+
+    def caches_features(self, heads: list[str]) -> bool:
+        c = self.recipe.image
+        return self.recipe.adapter.type == "head" and c.cache_features and not c.augment and len(heads) == 1
+
+    def cache_features(self, model, head: str):
+        """Head-only without augmentation: every image goes through the frozen backbone once; the trainer then runs
+        the head alone on what it received (`CachedFeatureClassifier`, which still holds the whole model)."""
+        import time
+
+        from finetune.data.images import FeatureDataset
+        from finetune.models.plain_classifier import CachedFeatureClassifier
+        from finetune.models.vision import head_inputs
+
+        started = time.perf_counter()
+        batch = max(32, self.recipe.train.micro_batch_size)
+        self.train_dataset = FeatureDataset(*head_inputs(model, head, self.train_dataset, batch))
+        if self.eval_dataset is not None:
+            self.eval_dataset = FeatureDataset(*head_inputs(model, head, self.eval_dataset, batch))
+        self.cached = (len(self.train_dataset), len(self.eval_dataset or []), time.perf_counter() - started)
+        return CachedFeatureClassifier(model, head)
 
     def trainer_config(self) -> tuple[type, dict]:
         from transformers import TrainingArguments
@@ -138,6 +173,10 @@ class ImageClassificationTask(Task):
         ]
         if self.recipe.adapter.type == "lora":
             lines.append(("lora layers", f"{len(self.targets)} (e.g. {', '.join(self.targets[:3])})"))
+        if getattr(self, "cached", None):
+            train, held, seconds = self.cached
+            lines.append(("features", f"cached: {train:,} train + {held:,} eval images through the frozen backbone once "
+                                      f"({seconds:.1f} s); the head trains on them"))  # fmt: skip
         if self.frozen_norms:
             lines.append(("batchnorm", f"{self.frozen_norms} layer(s) of the backbone kept in eval mode (statistics frozen)"))
         if self.built.report is not None:
@@ -158,6 +197,8 @@ class ImageClassificationTask(Task):
         from finetune.training.callbacks import training_clock
 
         labels = self.data.labels
+        if getattr(self, "cached", None):  # the trainer saved its feature classifier: the run keeps the whole model
+            save_whole_model(self.built, out)
         save_image_files(out, self.recipe, labels, self.preprocessing, self.built.source.is_hf)
         if self.eval_dataset is not None:
             write_eval_report(out, {"loss": metrics["eval"].get("eval_loss"), **self.metrics.last_report}, labels)
