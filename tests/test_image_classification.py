@@ -226,6 +226,19 @@ def test_recipe_combinations(tiny_resnet_dir, toy_images_dir, tmp_path):
         validate_recipe(image_recipe(tiny_resnet_dir, toy_images_dir, tmp_path, quantization={"bits": 4}))
 
 
+def test_the_shipped_image_recipe_validates_with_its_data(capsys):
+    """recipes/image_transfer.yaml: its architecture, checkpoint and digits are installed (scripts/setup.sh), and
+    every one of the 5,000 images decodes."""
+    from support import REPO
+
+    from finetune.commands.validate import validate_command
+    from finetune.recipe import load_recipe
+
+    path = REPO / "recipes" / "image_transfer.yaml"
+    assert validate_command(load_recipe(path), str(path), check_rows=True) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "  data.train: 5000 usable rows"
+
+
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ SHIPPED_RECIPES = {
     "llama_lora_8bit.yaml",
     "llama_qlora.yaml",
     "minilm_bbc_news.yaml",
+    "image_transfer.yaml",
     "tiny_zero2.yaml",
     "tiny_zero3_offload.yaml",
 }

@@ -299,6 +299,18 @@ class ImageConfig(Section):
             raise ValueError("every std value must be greater than 0")
         return value
 
+    @field_validator("key_map")
+    @classmethod
+    def _patterns_compile(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return value
+
     @field_validator("crop_scale")
     @classmethod
     def _crop_range(cls, value: tuple[float, float]) -> tuple[float, float]:

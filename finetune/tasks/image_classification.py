@@ -106,6 +106,11 @@ class ImageClassificationTask(Task):
         from finetune.models.adapters import attach_adapter, build_lora_config
         from finetune.models.vision import lora_targets, plain_convolutions
 
+        if self.recipe.train.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+            from finetune.errors import RecipeError
+
+            raise RecipeError([f"train.gradient_checkpointing: {self.recipe.model.name_or_path} cannot recompute its "
+                               "activations (no transformers gradient checkpointing); remove it."])  # fmt: skip
         if self.caches_features(heads):
             return self.cache_features(model, heads[0])
         if self.recipe.adapter.type != "lora":
@@ -119,7 +124,7 @@ class ImageClassificationTask(Task):
                      "same output).", len(swapped))
         config = build_lora_config(self.recipe, None, heads)
         config.target_modules = set(self.targets)  # full names, resolved for this architecture
-        if self.recipe.train.gradient_checkpointing and hasattr(model, "activation_checkpointing_enable"):
+        if self.recipe.train.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         return get_peft_model(model, config)
