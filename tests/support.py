@@ -161,3 +161,80 @@ def cls_recipe(model_dir: Path, tmp: Path, rows: list[dict] | None = None, **sec
         "output": {"dir": str(tmp / "out")},
     }
     return _merge_sections(recipe, sections)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny image models and a separable toy image set
+# --------------------------------------------------------------------------------------------
+
+TOY_COLORS = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
+
+
+def build_tiny_resnet(folder: Path, num_labels: int = 5, seed: int = 0) -> Path:
+    """A random 2-stage ResNet (basic blocks, 16/32 channels, BatchNorm) with a `num_labels`-class head."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(seed)
+    config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=num_labels)
+    model = ResNetForImageClassification(config)
+    with torch.no_grad():  # running statistics a trained model would have, so a change to them shows
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.9, 1.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_vit(folder: Path, num_labels: int = 5, seed: int = 0) -> Path:
+    """A random 2-layer ViT (hidden 32, 8x8 patches of 32x32 images) with a `num_labels`-class head."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=num_labels)  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(folder)
+    return folder
+
+
+def write_toy_images(folder: Path, per_class: int = 12, size: int = 32, seed: int = 0) -> Path:
+    """`folder/<color>/NNN.png`: noisy images of one dominant colour per class (separable by any backbone)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, color in TOY_COLORS.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(color)[None, None] + rng.normal(0, 40, (size, size, 3)), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(folder / name / f"{i:03d}.png")
+    return folder
+
+
+def tiny_convnet(num_classes: int = 10, width: int = 8):
+    """A plain nn.Module classifier with a depthwise convolution, built by `support:tiny_convnet` in image recipes."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1, groups=width), nn.ReLU(),  # depthwise
+        nn.Conv2d(width, 2 * width, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
+    )  # fmt: skip
+
+
+def image_recipe(model: str, images, out: Path, **sections) -> dict:
+    """An image_classification recipe dict: LoRA r=4 on `model`, a held-out quarter, a few quick epochs."""
+    recipe = {
+        "task": "image_classification",
+        "model": {"name_or_path": str(model)},
+        "adapter": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(images), "eval_fraction": 0.25},
+        "image": {"ignore_mismatched_sizes": True, "size": 32, "augment": False},
+        "train": {"epochs": 6, "micro_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 50, "save_checkpoints": False,
+                  "warmup_ratio": 0.0, "num_threads": 1},  # fmt: skip
+        "output": {"dir": str(out)},
+    }
+    return _merge_sections(recipe, sections)

@@ -36,6 +36,7 @@ SHIPPED_RECIPES = {
     "llama_lora_8bit.yaml",
     "llama_qlora.yaml",
     "minilm_bbc_news.yaml",
+    "image_transfer.yaml",
     "tiny_zero2.yaml",
     "tiny_zero3_offload.yaml",
 }
@@ -175,7 +176,7 @@ def test_all_problems_reported_at_once(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"error: 3 problems in {path}:",
-        "  - adapter.type: 'lorra' is not allowed; choose one of: lora, qlora, none. Did you mean 'lora'?",
+        "  - adapter.type: 'lorra' is not allowed; choose one of: lora, qlora, none, head. Did you mean 'lora'?",
         "  - adapter.r: 0 is out of range (0, 4096]; typical ranks are 4 to 64",
         "  - train.optimizer: 'adam' is not allowed; choose one of: adamw_torch, adamw_8bit, paged_adamw_8bit, "
         "paged_adamw_32bit, adafactor, sgd.",

@@ -50,6 +50,7 @@ def recipe_key_help(key: str, lead: str = "") -> str:
 RUN_COMMANDS = {
     "sft": ("an SFT", "chat", "answers prompts with", '--prompt "..."'),
     "classification": ("a classification", "predict", "labels texts with", '--text "..."'),
+    "image_classification": ("an image-classification", "predict", "labels images with", "--image FILE"),
 }
 
 
@@ -63,10 +64,10 @@ def run_recipe(target: str | Path, command: str) -> Recipe | None:
     if not path.is_file():
         return None
     recipe = load_recipe(path)
-    wanted = next(task for task, (_, name, _, _) in RUN_COMMANDS.items() if name == command)
-    if recipe.task == wanted:
+    wanted = [task for task, (_, name, _, _) in RUN_COMMANDS.items() if name == command]
+    if recipe.task in wanted:
         return recipe
-    kind, _, does, _ = RUN_COMMANDS[wanted]
+    kind, _, does, _ = RUN_COMMANDS[wanted[0]]
     what, other, other_does, example = RUN_COMMANDS.get(recipe.task, (f"a {recipe.task}", None, None, None))
     where = f"{what} run (task: {recipe.task} in its recipe.yaml)" if target.is_dir() else f"{what} recipe (task: {recipe.task})"
     run_dir = target if target.is_dir() else recipe.output.dir  # chat takes a run folder only

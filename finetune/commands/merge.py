@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  rounding to {report.dtype} lost up to {lost['max']:.1%} of an update's norm ({lost['module']})")
     if report.verification:
         v = report.verification
-        print(f"  verified: max |logit diff| {v['max_abs_logit_diff']:.3g} <= tolerance {v['tolerance']:.3g} ({v['tokens']} tokens)")
+        inputs = f"{v['images']} images" if "images" in v else f"{v['tokens']} tokens"
+        print(f"  verified: max |logit diff| {v['max_abs_logit_diff']:.3g} <= tolerance {v['tolerance']:.3g} ({inputs})")
     else:
         print("  not verified (verification is off)")
     if report.quantization:

@@ -64,14 +64,18 @@ def _blank(text: str) -> str:
     return " (only whitespace)" if text else ""
 
 
-HELP = "Label texts with a finished classification run (top labels with probabilities)."
+HELP = "Label texts (or images) with a finished classification run (top labels with probabilities)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Label texts with a finished classification run: the top labels and their probabilities."
+    parser.description = (
+        "Label texts with a finished classification run, or images with an image-classification run: the top labels "
+        "and their probabilities."
+    )
     parser.add_argument("run", metavar="RECIPE_OR_RUN_DIR", help="A classification run's output.dir, or the recipe that trained it.")
     parser.add_argument("--text", action="append", help="A text to classify; repeat for several.")
     parser.add_argument("--file", help="Texts to classify: one per line, or a .jsonl file with the run's text column.")
+    parser.add_argument("--image", action="append", help="An image file (or a folder of them) to classify; repeat for several.")
     parser.add_argument("--top-k", type=int, default=3, help="Labels to show per text, most probable first (default 3).")
     parser.add_argument("--json", action="store_true", help="Print a JSON list of {text, predicted, scores} instead of a table.")
 
@@ -81,6 +85,10 @@ def run(args) -> int:
         raise FinetuneError("--top-k must be at least 1")
     recipe = run_recipe(args.run, "predict")  # an SFT run has no labels to give
     folder = run_folder(args.run)  # says what a folder lacks (labels.json, recipe.yaml)
+    if recipe.task == "image_classification":
+        return predict_images(args)
+    if args.image:
+        raise FinetuneError("--image is for image-classification runs; this run classifies texts: give --text or --file")
     texts, pairs = read_texts(args, recipe)  # before the model loads: a bad input costs no load
     classifier = load_classifier(folder)
     results = top_labels(classifier, predict_logits(classifier, texts, pairs), min(args.top_k, len(classifier.labels.names)))
@@ -91,6 +99,30 @@ def run(args) -> int:
     for text, result in zip(texts, results):
         shown = " ".join(text.split())
         print(shown if len(shown) <= 80 else shown[:77] + "...")
+        for score in result["scores"]:
+            mark = "*" if score["label"] in result["predicted"] else " "
+            print(f"  {mark} {score['label'].ljust(width)}  {score['score']:.4f}")
+    return 0
+
+
+def predict_images(args) -> int:
+    """`--image` files through an image-classification run."""
+    from finetune.evaluation.image_classifier import image_files, load_image_classifier, predict_image_logits
+
+    if args.text or args.file:
+        raise FinetuneError("this run classifies images: give --image FILE_OR_FOLDER (repeatable), not --text/--file")
+    if not args.image:
+        raise FinetuneError("nothing to classify: give --image (a file or a folder; repeatable)")
+    files = image_files(args.image)  # checked before the model loads
+    classifier = load_image_classifier(args.run)
+    logits = predict_image_logits(classifier, files)
+    results = top_labels(classifier, logits, min(args.top_k, len(classifier.labels.names)))
+    if args.json:
+        print(json.dumps([{"image": str(file), **result} for file, result in zip(files, results)], indent=2))
+        return 0
+    width = max(len(name) for name in classifier.labels.names)
+    for file, result in zip(files, results):
+        print(file)
         for score in result["scores"]:
             mark = "*" if score["label"] in result["predicted"] else " "
             print(f"  {mark} {score['label'].ljust(width)}  {score['score']:.4f}")

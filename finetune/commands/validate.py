@@ -33,7 +33,8 @@ def validate_command(recipe: Recipe, path: str, check_rows: bool = False) -> int
     print(f"OK: {path} is a valid {recipe.task} recipe ({recipe.model.name_or_path}, adapter {recipe.adapter.type}).")
     if check_rows:
         task = load_task(recipe.task)
-        tokenizer = base_tokenizer(recipe)  # rows whose completion data.max_length cuts off are unusable too
+        # Rows whose completion data.max_length cuts off are unusable too; an image task has no tokenizer.
+        tokenizer = base_tokenizer(recipe) if task.needs_tokenizer else None
         for key, group in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
             if not group:
                 continue

@@ -102,6 +102,11 @@ def merge_adapter(
     empty (without `overwrite`), or the merged logits differ from base + adapter by more than the tolerance.
     """
     started = time.perf_counter()
+    from finetune.merge.images import image_run
+
+    run = image_run(Path(adapter_dir))
+    if run is not None:  # an image classifier: its base is rebuilt from the run's recipe
+        return _merge_image_run(run, Path(out_dir), base, dtype, verify, tolerance, quantize, method, overwrite, started)
     inputs = resolve_inputs(adapter_dir, base)  # the quick checks first: torch is not imported yet
     out = check_output(Path(out_dir), overwrite, inputs)
     if quantize and importlib.util.find_spec("bitsandbytes") is None:
@@ -152,6 +157,40 @@ def merge_adapter(
         report = _report(plan, out, written, verification, quantization, seconds)
         (tmp / "merge_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(report, inputs))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _merge_image_run(run, out_dir: Path, base, dtype, verify, tolerance, quantize, method, overwrite, started) -> MergeReport:
+    """The image branch of `merge_adapter` (finetune/merge/images.py): same folder discipline, same report."""
+    from finetune.merge import images
+
+    out = images.check_image_merge(run, out_dir, overwrite, base, quantize, method)
+    recipe = run.recipe
+    verify = recipe.merge.verify if verify is None else verify
+    tolerance = recipe.merge.tolerance if tolerance is None else tolerance
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        result = images.write_image_merge(run, tmp, dtype, verify, tolerance)
+        shutil.copy(run.recipe_path, tmp / "recipe.yaml")
+        run.labels.save(tmp)
+        run.preprocessing.save(tmp)
+        seconds = {**result["seconds"], "total": round(time.perf_counter() - started, 2)}
+        report = MergeReport(
+            out_dir=str(out), adapter=str(run.adapter_dir), base=recipe.model.name_or_path, base_name=recipe.model.name_or_path,
+            recipe=str(run.recipe_path), task_type="IMAGE_CLASSIFICATION", architecture=result["architecture"],
+            adapter_type="lora", trained_on_quantized_base=None, method="peft", method_note=None, dtype=result["dtype"],
+            files=result["files"], total_bytes=result["total_bytes"], merged_modules=result["merged_modules"],
+            carried_over=result["carried_over"], dropped_base_tensors=[], untied_weights=[], update_lost_to_rounding=None,
+            verification=result["verification"], quantization=None, seconds=seconds, peak_rss_bytes=peak_rss_bytes(),
+            versions=_versions(),
+        )  # fmt: skip
+        (tmp / "merge_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        (tmp / "README.md").write_text(images.image_model_card(run, out, result))
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,9 +18,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def build_lora_config(recipe: Recipe, task_type: str, head_modules: list[str] | None = None):
-    """A peft `LoraConfig`, or None for a full fine-tune."""
+    """A peft `LoraConfig`, or None for a full fine-tune (or a head-only one)."""
     a = recipe.adapter
-    if a.type == "none":
+    if a.type in ("none", "head"):
         return None
     from peft import LoraConfig
 

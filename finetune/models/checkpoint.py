@@ -154,9 +154,9 @@ def _json_object(path: Path) -> dict:
     return config
 
 
-def read_pickled_state_dict(path: Path) -> dict:
+def read_pickled_state_dict(path: Path, key: str = "model.weights_file") -> dict:
     """A state dict from a pickle, read with `torch.load(weights_only=True)`: tensors and plain containers only, so
-    nothing in the file runs. Anything else in it is refused with the reason."""
+    nothing in the file runs. Anything else in it is refused with the reason, naming the recipe's `key`."""
     import pickle
 
     import torch
@@ -167,16 +167,16 @@ def read_pickled_state_dict(path: Path) -> dict:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # the function or class the pickle wanted to call
         detail = f"it calls {found[1]}" if found else str(exc).strip().splitlines()[0]
         raise FinetuneError(
-            f"model.weights_file: {path} holds more than tensors, so torch.load(weights_only=True) refused it and "
+            f"{key}: {path} holds more than tensors, so torch.load(weights_only=True) refused it and "
             f"nothing in it was run ({detail}). Use a checkpoint that is a plain state dict, or safetensors."
         ) from None
     except Exception as exc:  # torch raises many types for a file that is not a torch pickle at all
-        raise FinetuneError(f"model.weights_file: {path} is not a PyTorch weights file ({type(exc).__name__}: {exc}).") from None
+        raise FinetuneError(f"{key}: {path} is not a PyTorch weights file ({type(exc).__name__}: {exc}).") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         keys = list(state_dict)[:5] if isinstance(state_dict, dict) else []
         what = f"a dict with keys {keys}" if keys else type(state_dict).__name__
         raise FinetuneError(
-            f"model.weights_file: {path} is not a state dict of tensors (it holds {what}); save the model's "
+            f"{key}: {path} is not a state dict of tensors (it holds {what}); save the model's "
             "state_dict() alone."
         )
     return state_dict

@@ -14,6 +14,7 @@ from finetune.recipe.schema import (
     DataSource,
     Dtype,
     EvalConfig,
+    ImageConfig,
     MergeConfig,
     ModelConfig,
     OutputConfig,
@@ -25,7 +26,7 @@ from finetune.recipe.schema import (
 )
 
 __all__ = [
-    "AdapterConfig", "ClassificationConfig", "DataConfig", "DataSource", "Dtype", "EvalConfig", "MergeConfig",
+    "AdapterConfig", "ClassificationConfig", "DataConfig", "DataSource", "Dtype", "EvalConfig", "ImageConfig", "MergeConfig",
     "ModelConfig", "OutputConfig", "QuantizationConfig", "Recipe", "Section", "TrainConfig", "apply_overrides",
     "combination_problems", "description", "explain", "format_errors", "load_recipe", "recipe_to_dict", "reference_markdown",
     "save_recipe", "validate_recipe",

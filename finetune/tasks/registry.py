@@ -12,6 +12,7 @@ import importlib
 TASKS = {
     "sft": ("finetune.tasks.sft:SFTTask", "supervised fine-tuning of a causal LM"),
     "classification": ("finetune.tasks.classification:ClassificationTask", "sequence classification"),
+    "image_classification": ("finetune.tasks.image_classification:ImageClassificationTask", "image classification (transfer learning)"),
 }
 
 

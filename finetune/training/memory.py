@@ -116,6 +116,8 @@ def estimate_memory(
 
 def _activations(recipe: Recipe, config, tokens: int, value_bytes: int) -> tuple[int | None, str]:
     """Saved-for-backward activations of one micro-batch, for a decoder or encoder of standard blocks."""
+    if recipe.task == "image_classification":  # patches or feature maps, not tokens: no per-token count applies
+        return None, "activations not estimated for image models"
     config = getattr(config, "text_config", None) or config
     hidden = getattr(config, "hidden_size", None)
     layers = getattr(config, "num_hidden_layers", None)

@@ -67,7 +67,7 @@ class Plan:
                 f"{self.processes} process(es) = {self.effective_batch_size} per step",
             ),
             ("steps", f"{self.steps:,} ({self.epochs:g} epoch(s))"),
-            ("sequence length", f"{self.max_length}"),
+            *([] if self.task == "image_classification" else [("sequence length", f"{self.max_length}")]),
             ("precision", self.precision),
             ("device", self.device),
             ("threads", f"{self.threads} per process ({self.threads_note})"),
@@ -100,7 +100,7 @@ def make_plan(
     q = recipe.quantization
     quant = "none" if q.bits is None else (f"4-bit {q.quant_type}" + (" + double quant" if q.double_quant else "") if q.bits == 4 else "8-bit (LLM.int8)")
     a = recipe.adapter
-    adapter = "full fine-tune" if a.type == "none" else (
+    adapter = "full fine-tune" if a.type == "none" else "none: the head alone is trained" if a.type == "head" else (
         f"{a.type} r={a.r} alpha={a.alpha:g} dropout={a.dropout:g} targets={','.join(a.target_modules)}"
         + (" rsLoRA" if a.use_rslora else "")
         + (" DoRA" if a.use_dora else "")
