@@ -26,6 +26,8 @@ def recipe_problems(recipe: Recipe, runtime: Runtime, data: bool = True) -> list
     if data:
         problems += _model_problems(recipe)
         problems += _data_source_problems(recipe)
+        if recipe.task == "pretrain":
+            problems += _pretrain_problems(recipe)
     return problems
 
 
@@ -89,8 +91,19 @@ def _model_problems(recipe: Recipe) -> list[str]:
     checked when loaded."""
     from finetune.models.checkpoint import model_problem
 
+    if recipe.model.name_or_path is None:  # a new model (model.config): checked with the pretraining problems
+        return []
     problem = model_problem(recipe.model)
     return [problem] if problem else []
+
+
+def _pretrain_problems(recipe: Recipe) -> list[str]:
+    """Sources pretraining cannot read (hub datasets, other file types), and what the model's config.json shows:
+    heads that do not divide the hidden size, a data.max_length past its position embeddings."""
+    from finetune.data.text import corpus_problems
+    from finetune.models.architecture import architecture_problems
+
+    return corpus_problems(recipe.data) + architecture_problems(recipe)
 
 
 def _data_source_problems(recipe: Recipe) -> list[str]:

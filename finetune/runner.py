@@ -15,7 +15,6 @@ from finetune.distributed.guards import check_world_size, join_process_group
 from finetune.errors import RunInterrupted
 from finetune.evaluation.side_by_side import check_eval_settings
 from finetune.models.adapters import attach_adapter
-from finetune.models.loading import load_base, load_model
 from finetune.models.parameters import count_parameters, dtype_bytes
 from finetune.recipe import Recipe
 from finetune.runtime import Runtime, apply_threads, resolve_runtime
@@ -109,12 +108,12 @@ def _train(recipe: Recipe, start: Start, callbacks) -> RunResult:
 
     runtime, out = start.runtime, start.out
     task = load_task(recipe.task)(recipe, runtime)
-    path, tokenizer = load_base(recipe)
+    path, tokenizer = task.load_base()
     # Data before the model: a bad row or an unknown metric costs seconds, not a model load. The main process
     # tokenizes first and caches; the others then read its cache instead of racing it.
     task.prepare_data(tokenizer, path, PartialState().main_process_first)
 
-    model = load_model(recipe, runtime, path, task.model_class(), **task.model_kwargs())
+    model = task.load_model(path)
     heads = task.prepare_model(model, tokenizer)  # on the bare model: PEFT's wrapper hides its head
     model = attach_adapter(model, recipe, task_type=task.peft_task_type, head_modules=heads)
 
@@ -128,7 +127,7 @@ def _train(recipe: Recipe, start: Start, callbacks) -> RunResult:
     # The plan comes after the trainer is built: packing happens in its dataset preparation and changes the steps.
     counts = count_parameters(trainer.model, dtype_bytes(runtime.precision))
     eval_rows = len(task.eval_dataset) if has_eval else 0
-    plan = make_plan(recipe, runtime, counts, eval_rows=eval_rows, skipped=task.skipped, model_name=recipe.model.name_or_path,
+    plan = make_plan(recipe, runtime, counts, eval_rows=eval_rows, skipped=task.skipped, model_name=recipe.model.label,
                      **task.plan_rows(trainer))
     if runtime.is_main:
         print(plan.render(), flush=True)

@@ -250,12 +250,13 @@ def test_classification_folder_in_a_named_encoding(tiny_bert_dir, tmp_path, caps
 
 @pytest.mark.parametrize("broken", [latin1_jsonl, all_too_long], ids=lambda f: f.__name__)
 def test_training_stops_with_the_same_message_before_the_model_loads(broken, tiny_llama_dir, tmp_path, monkeypatch):
+    import finetune.models.loading
     import finetune.runner
 
     def no_model_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(finetune.runner, "load_model", no_model_load)
+    monkeypatch.setattr(finetune.models.loading, "load_model", no_model_load)  # what Task.load_model calls
     path, message = broken(tmp_path)
     recipe = validate_recipe(sft_recipe(tiny_llama_dir, tmp_path, data={"train": str(path), "max_length": 16}))
     with pytest.raises(DataError) as err:

@@ -30,10 +30,11 @@ def validate_command(recipe: Recipe, path: str, check_rows: bool = False) -> int
     from finetune.tasks.registry import load_task
 
     check_recipe(recipe, resolve_runtime(recipe), source=path)
-    print(f"OK: {path} is a valid {recipe.task} recipe ({recipe.model.name_or_path}, adapter {recipe.adapter.type}).")
+    print(f"OK: {path} is a valid {recipe.task} recipe ({recipe.model.label}, adapter {recipe.adapter.type}).")
     if check_rows:
         task = load_task(recipe.task)
-        tokenizer = base_tokenizer(recipe)  # rows whose completion data.max_length cuts off are unusable too
+        # Rows whose completion data.max_length cuts off are unusable too; a new model (model.config) has no tokenizer yet.
+        tokenizer = base_tokenizer(recipe) if recipe.model.name_or_path is not None else None
         for key, group in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
             if not group:
                 continue

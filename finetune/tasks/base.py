@@ -10,10 +10,10 @@ from finetune.runtime import Runtime
 
 
 class Task:
-    """One run of one task. The runner creates it after the checks and calls, in order: `prepare_data` (before the
-    model is loaded, so a bad row costs seconds), `model_class` / `model_kwargs` (the load), `prepare_model` (before
-    the adapter), `trainer_config` and `build_trainer`, `plan_lines`, and after training `metrics_extra` and, on the
-    main process, `save_outputs`."""
+    """One run of one task. The runner creates it after the checks and calls, in order: `load_base` (the base's path
+    and tokenizer), `prepare_data` (before the model is loaded, so a bad row costs seconds), `load_model` (with
+    `model_class` / `model_kwargs`), `prepare_model` (before the adapter), `trainer_config` and `build_trainer`,
+    `plan_lines`, and after training `metrics_extra` and, on the main process, `save_outputs`."""
 
     peft_task_type: str  # peft's TaskType name for LoraConfig
 
@@ -30,6 +30,13 @@ class Task:
         With the base model's `tokenizer`, rows that tokenize to nothing to learn from are counted too."""
         raise NotImplementedError
 
+    def load_base(self) -> tuple[str | None, object]:
+        """The base model's loadable path and its tokenizer, before the data (a GGUF converted once, by the main
+        process first). A task whose model is built rather than loaded returns None for the path."""
+        from finetune.models.loading import load_base
+
+        return load_base(self.recipe)
+
     def prepare_data(self, tokenizer, model_path: str, main_first) -> None:
         """Set `train_dataset`, `eval_dataset` (None without eval data) and `skipped`. `main_first` is accelerate's
         `main_process_first`, for work the main process should do (and cache) before the others read it."""
@@ -38,6 +45,13 @@ class Task:
     def model_class(self):
         """The transformers auto class the base is loaded with."""
         raise NotImplementedError
+
+    def load_model(self, path: str | None):
+        """The model to train: the base at `path`, loaded with `model_class` and `model_kwargs` as the recipe says
+        (dtype, quantization)."""
+        from finetune.models.loading import load_model
+
+        return load_model(self.recipe, self.runtime, path, self.model_class(), **self.model_kwargs())
 
     def model_kwargs(self) -> dict:
         """Extra `from_pretrained` arguments (a classifier's label count, say)."""

@@ -12,6 +12,7 @@ import importlib
 TASKS = {
     "sft": ("finetune.tasks.sft:SFTTask", "supervised fine-tuning of a causal LM"),
     "classification": ("finetune.tasks.classification:ClassificationTask", "sequence classification"),
+    "pretrain": ("finetune.tasks.pretrain:PretrainTask", "pretraining a causal LM on raw text, from scratch or continued"),
 }
 
 

