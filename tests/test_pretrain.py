@@ -4,13 +4,17 @@ the baseline the model must beat, and the errors that stop a run before anything
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from finetune.errors import DataError, RecipeError
+from finetune.errors import DataError, FinetuneError, RecipeError
 from finetune.recipe import DataConfig, load_recipe, validate_recipe
 from support import REPO, WORDS, pretrain_recipe, sft_recipe, write_story_corpus
 
@@ -224,6 +228,7 @@ def test_run_writes_samples_tokens_seen_and_mfu(scratch_run):
 
 
 def test_an_sft_recipe_fine_tunes_the_pretrained_model(scratch_run, tmp_path):
+    from finetune.commands.chat import load_for_chat
     from finetune.runner import run
 
     _, pretrained = scratch_run
@@ -232,6 +237,113 @@ def test_an_sft_recipe_fine_tunes_the_pretrained_model(scratch_run, tmp_path):
     losses = [h["loss"] for h in result.metrics["log_history"] if "loss" in h]
     assert losses[-1] < 0.7 * losses[0], losses
     assert result.metrics["plan"]["model"] == str(pretrained.output_dir)
+
+    # `finetune chat` answers with the fine-tuned model (a full fine-tune: the run folder), and sends a pretraining
+    # run, which continues text rather than answering, to this step.
+    model, tokenizer, _ = load_for_chat(str(result.output_dir))
+    ids = tokenizer("what is the capital of france", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, result.model.eval()(ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(FinetuneError, match="a pretraining run; its model continues text instead of answering"):
+        load_for_chat(str(pretrained.output_dir))
+
+
+def test_a_config_json_describes_the_new_model(stories, tmp_path, monkeypatch):
+    """`model.config: FILE` builds any causal LM transformers knows (GPT-2 here), sized to the trained tokenizer; its
+    config.json is checked before anything heavy like the keys are."""
+    import json
+
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from finetune.runner import run
+
+    config = tmp_path / "gpt2" / "config.json"
+    GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=400).save_pretrained(config.parent)
+    result = run(validate_recipe(pretrain_recipe(tmp_path, stories, model={"config": str(config)}, train={"max_steps": 2})))
+    saved = AutoModelForCausalLM.from_pretrained(result.output_dir)
+    assert type(saved).__name__ == "GPT2LMHeadModel" and saved.config.vocab_size == 400
+    assert saved.config.eos_token_id == 0  # the trained tokenizer's <|endoftext|>
+
+    _no_model(monkeypatch)
+    bad = json.loads(config.read_text()) | {"n_head": 6, "n_positions": 16}
+    config.write_text(json.dumps(bad))
+    with pytest.raises(RecipeError) as err:
+        run(validate_recipe(pretrain_recipe(tmp_path, stories, model={"config": str(config)}, output={"dir": str(tmp_path / "b")})))
+    assert err.value.problems == [
+        "model.config.file: 6 attention heads do not divide hidden size 64 (each head takes hidden / heads dimensions).",
+        "data.max_length 32 is longer than the 16 positions of the model's position embeddings (model.config.file); "
+        "lower data.max_length to at most 16.",
+    ]
+    config.write_text(json.dumps(bad | {"n_head": 4, "n_positions": 64, "vocab_size": 300}))
+    with pytest.raises(FinetuneError, match=rf"model.config.file: vocab_size 300 in {config} is smaller than the tokenizer's 320 tokens"):
+        run(validate_recipe(pretrain_recipe(tmp_path, stories, model={"config": str(config)}, output={"dir": str(tmp_path / "c")})))
+
+
+# --------------------------------------------------------------------------------------------
+# Resume, and more processes
+# --------------------------------------------------------------------------------------------
+
+STOP_AT = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from finetune.commands.common import guarded
+    from finetune.recipe import load_recipe
+    from finetune.runner import run
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(sys.argv[2]):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    sys.exit(guarded(lambda: run(load_recipe(sys.argv[1]), callbacks=[StopAt()]) and 0))
+""")
+
+
+def _losses(metrics: dict) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in metrics["log_history"] if "loss" in h}
+
+
+def test_a_stopped_run_resumes_and_trains_as_if_never_stopped(stories, tmp_path):
+    from finetune.runner import run
+
+    sections = {"train": {"max_steps": 12, "save_checkpoints": True, "save_steps": 3, "logging_steps": 1}}
+    whole = run(validate_recipe(pretrain_recipe(tmp_path / "whole", stories, **sections)))
+    path = tmp_path / "stopped" / "recipe.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(pretrain_recipe(path.parent, stories, **sections)))
+    (tmp_path / "stop_at.py").write_text(STOP_AT)
+    stopped = subprocess.run([sys.executable, str(tmp_path / "stop_at.py"), str(path), "5"], capture_output=True,
+                             text=True, cwd=REPO, timeout=600)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert (path.parent / "out" / "checkpoint-5" / "model.safetensors").is_file()
+
+    resumed = run(load_recipe(path))
+    assert resumed.trainer.state.global_step == 12
+    expected, found = _losses(whole.metrics), _losses(resumed.metrics)
+    assert sorted(found) == list(range(1, 13))
+    for step in range(6, 13):  # the same weights, optimizer, schedule, blocks and order as the uninterrupted run
+        assert found[step] == pytest.approx(expected[step], rel=1e-4), step
+
+
+def test_two_processes_under_deepspeed_zero2(stories, tmp_path):
+    import json
+    import os
+
+    from support import free_port
+
+    path = tmp_path / "recipe.yaml"
+    recipe = pretrain_recipe(tmp_path, stories, deepspeed="zero2", train={"max_steps": 6, "micro_batch_size": 4})
+    path.write_text(yaml.safe_dump(recipe))
+    command = [sys.executable, "-m", "finetune.cli", "launch", str(path), "--nproc-per-node", "2",
+               "--main-port", str(free_port()), "--join-timeout", "120"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert result.stdout.count("Plan:") == 1 and "processes" in result.stdout
+    metrics = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
+    assert metrics["plan"]["processes"] == 2 and metrics["plan"]["effective_batch_size"] == 8
+    assert metrics["num_input_tokens_seen"] == 6 * 8 * 32  # both processes' blocks: 6 steps of 2 x 4 blocks of 32
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 # --------------------------------------------------------------------------------------------

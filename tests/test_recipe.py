@@ -36,7 +36,9 @@ SHIPPED_RECIPES = {
     "llama_lora_8bit.yaml",
     "llama_qlora.yaml",
     "minilm_bbc_news.yaml",
+    "pretrain_continued_lora.yaml",
     "pretrain_tiny.yaml",
+    "pretrain_tiny_sft.yaml",
     "tiny_zero2.yaml",
     "tiny_zero3_offload.yaml",
 }

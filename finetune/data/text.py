@@ -35,11 +35,14 @@ def corpus_problems(data: DataConfig) -> list[str]:
     for key, group in (("data.train", data.train), ("data.eval", data.eval or [])):
         for i, source in enumerate(group):
             where = f"{key}[{i}]" if len(group) > 1 else key
-            if not is_local(source):
-                problems.append(f"{where}: {source.path} is not a local file or folder; task: pretrain reads text files, "
-                                "folders of them, and JSONL/JSON/CSV/parquet files with a text column.")
-                continue
             suffix = Path(source.path).suffix.lower()
+            if not is_local(source):
+                problems.append(
+                    f"{where}: data file not found: {source.path}" if suffix in TEXT_SUFFIXES else
+                    f"{where}: {source.path} is not a local file or folder; task: pretrain reads text files, folders of "
+                    "them, and JSONL/JSON/CSV/parquet files with a text column (download a hub dataset to files first)."
+                )
+                continue
             if suffix and suffix not in TEXT_SUFFIXES + ROW_SUFFIXES and not missing_source(source):
                 if not local_path(source).is_dir():
                     problems.append(f"{where}: {source.path}: task: pretrain reads {', '.join(TEXT_SUFFIXES + ROW_SUFFIXES)} files or folders.")
@@ -195,6 +198,7 @@ class Corpus:
 
     data: DataConfig
     _held: set[int] | None = None  # indices of the training sources' documents held out by eval_fraction
+    _fingerprint: str | None = None
 
     @property
     def has_eval(self) -> bool:
@@ -240,6 +244,11 @@ class Corpus:
 
     def fingerprint(self) -> str:
         """Names the corpus by content: every file's bytes, the source and split options, and the reading code."""
+        if self._fingerprint is None:
+            self._fingerprint = self._content_key()
+        return self._fingerprint
+
+    def _content_key(self) -> str:
         sources = []
         for source in [*self.data.train, *(self.data.eval or [])]:
             files = [(str(p.relative_to(local_path(source))) if local_path(source).is_dir() else p.name, file_digest(p))

@@ -117,13 +117,14 @@ def build_config(arch: ArchitectureConfig, tokenizer, trust_remote_code: bool = 
     )
 
 
-def new_model(config, dtype, seed: int):
+def new_model(config, dtype, seed: int, attn_implementation: str | None = None):
     """A randomly initialised causal LM of `config`, the same for the same seed on every process."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **attention)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )

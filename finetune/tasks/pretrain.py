@@ -143,10 +143,8 @@ class PretrainTask(Task):
 
         model = self.recipe.model
         config = build_config(model.config, self.tokenizer, model.trust_remote_code)
-        if model.attn_implementation:
-            config._attn_implementation = model.attn_implementation
         dtype = torch_dtype("fp32" if model.dtype == "auto" else model.dtype)
-        return new_model(config, dtype, self.recipe.train.seed)
+        return new_model(config, dtype, self.recipe.train.seed, model.attn_implementation)
 
     def prepare_model(self, model, tokenizer) -> list[str]:
         """Generation stops at the end of a document and pads with the tokenizer's pad token."""
