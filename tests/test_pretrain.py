@@ -91,23 +91,44 @@ def test_held_out_fraction_takes_whole_documents_seeded(tmp_path):
     from finetune.data.text import Corpus
 
     write_story_corpus(tmp_path / "docs", documents=10, sentences=2)
-    split = lambda seed: list(Corpus(DataConfig(train=[str(tmp_path / "docs")], eval_fraction=0.3, seed=seed)).eval_texts())  # noqa: E731
+
+    def split(seed: int) -> list[str]:
+        return list(Corpus(DataConfig(train=[str(tmp_path / "docs")], eval_fraction=0.3, seed=seed)).eval_texts())
+
     files = [p.read_text() for p in sorted((tmp_path / "docs").glob("*.txt"))]
     first = split(1)
     assert len(first) == 3 and all(text in files for text in first)
     assert split(1) == first and split(2) != first
 
 
-def test_a_json_book_is_one_document_of_its_strings_in_order(tmp_path):
+def test_documents_of_each_kind_of_file(tmp_path):
+    """A JSON book is one document of its strings in order; rows of JSONL, CSV and parquet are one each (their text
+    column, or the one `columns` names); a row without text is an error naming its line, or skipped and counted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from finetune.data.text import Tally, read_documents
     from finetune.recipe import DataSource
 
+    def documents(path: Path, **options) -> list[str]:
+        return list(read_documents(DataSource(path=str(path), **options), "error", Tally()))
+
     book = tmp_path / "Book.json"
     book.write_text('{"1": {"1": "In the beginning.", "2": "And then."}, "2": {"1": "The end."}}')
+    assert documents(book) == ["In the beginning.\nAnd then.\nThe end."]
     rows = tmp_path / "rows.jsonl"
-    rows.write_text('{"text": "first"}\n\n{"text": "second", "id": 2}\n')
-    assert list(read_documents(DataSource(path=str(book)), "error", Tally())) == ["In the beginning.\nAnd then.\nThe end."]
-    assert list(read_documents(DataSource(path=str(rows)), "error", Tally())) == ["first", "second"]
+    rows.write_text('{"text": "first"}\n\n{"text": "second", "id": 2}\n{"body": "third"}\n')
+    with pytest.raises(DataError, match=rf"^{rows}, line 4: no 'text' column  \(set data.on_bad_row: skip"):
+        documents(rows)
+    tally = Tally()
+    assert list(read_documents(DataSource(path=str(rows)), "skip", tally)) == ["first", "second"]
+    assert tally.skipped == 1 and tally.problems == [f"{rows}, line 4: no 'text' column"]
+    table = tmp_path / "rows.csv"
+    table.write_text('id,body\n1,"one, with a comma"\n2,two\n')
+    assert documents(table, columns={"text": "body"}) == ["one, with a comma", "two"]
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": ["a parquet row", "", "another"]}), parquet)
+    assert documents(parquet) == ["a parquet row", "another"]  # the empty document is left out
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,6 +152,7 @@ def test_trained_tokenizer_round_trips_any_text_exactly(stories):
         assert tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids  # byte-level: nothing unknown
     assert len(tokenizer) == 320
     assert tokenizer.convert_ids_to_tokens(list(range(4))) == ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+    assert sorted(tokenizer.all_special_ids) == [0, 1, 2, 3]
 
 
 def test_a_second_run_reuses_the_cached_tokenizer(stories, tmp_path, monkeypatch):
@@ -214,10 +236,15 @@ def test_plan_counts_parameters_and_flops_per_token(scratch_run):
 def test_run_writes_samples_tokens_seen_and_mfu(scratch_run):
     import json
 
+    from finetune.models.generation import sample_continuations
+
     recipe, result = scratch_run
     out = result.output_dir
     samples = json.loads((out / "samples.json").read_text())["samples"]
     assert [s["prompt"] for s in samples] == ["the old king"] and samples[0]["text"].startswith("the old king")
+    tokenizer = result.tokenizer
+    again = sample_continuations(result.model, tokenizer, ["the old king"], 12, [tokenizer.eos_token_id], 0.8, 40, 42, 32)
+    assert again == samples  # seeded: the same model gives the same samples
     metrics = json.loads((out / "train_metrics.json").read_text())
     blocks = metrics["corpus"]["train"]["blocks"]
     assert blocks == metrics["plan"]["train_rows"]
@@ -227,7 +254,7 @@ def test_run_writes_samples_tokens_seen_and_mfu(scratch_run):
     assert (out / "loss_curve.png").is_file() and (out / "model.safetensors").is_file()
 
 
-def test_an_sft_recipe_fine_tunes_the_pretrained_model(scratch_run, tmp_path):
+def test_an_sft_recipe_fine_tunes_the_pretrained_model(scratch_run, tmp_path, caplog):
     from finetune.commands.chat import load_for_chat
     from finetune.runner import run
 
@@ -236,6 +263,9 @@ def test_an_sft_recipe_fine_tunes_the_pretrained_model(scratch_run, tmp_path):
     result = run(recipe)
     losses = [h["loss"] for h in result.metrics["log_history"] if "loss" in h]
     assert losses[-1] < 0.7 * losses[0], losses
+    # The trained tokenizer's ChatML tokens are special: generation stops on <|im_end|> without a warning about it.
+    assert "not a special token" not in caplog.text
+    assert 3 in result.model.generation_config.eos_token_id
     assert result.metrics["plan"]["model"] == str(pretrained.output_dir)
 
     # `finetune chat` answers with the fine-tuned model (a full fine-tune: the run folder), and sends a pretraining
@@ -275,7 +305,8 @@ def test_a_config_json_describes_the_new_model(stories, tmp_path, monkeypatch):
         "lower data.max_length to at most 16.",
     ]
     config.write_text(json.dumps(bad | {"n_head": 4, "n_positions": 64, "vocab_size": 300}))
-    with pytest.raises(FinetuneError, match=rf"model.config.file: vocab_size 300 in {config} is smaller than the tokenizer's 320 tokens"):
+    too_small = rf"model.config.file: vocab_size 300 in {config} is smaller than the tokenizer's 320 tokens"
+    with pytest.raises(FinetuneError, match=too_small):
         run(validate_recipe(pretrain_recipe(tmp_path, stories, model={"config": str(config)}, output={"dir": str(tmp_path / "c")})))
 
 
@@ -433,7 +464,8 @@ def test_an_empty_corpus(tmp_path, monkeypatch):
     (folder / "b.txt").write_text("  \n\n")
     for data in ({}, {"eval_fraction": None}):
         with pytest.raises(DataError) as err:
-            run(validate_recipe(pretrain_recipe(tmp_path, folder, data=data, output={"dir": str(tmp_path / "out"), "overwrite": True})))
+            output = {"dir": str(tmp_path / "out"), "overwrite": True}
+            run(validate_recipe(pretrain_recipe(tmp_path, folder, data=data, output=output)))
         assert str(err.value) == "data.train: the training corpus is empty: no document has any text."
 
 

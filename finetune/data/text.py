@@ -35,7 +35,7 @@ def corpus_problems(data: DataConfig) -> list[str]:
     for key, group in (("data.train", data.train), ("data.eval", data.eval or [])):
         for i, source in enumerate(group):
             where = f"{key}[{i}]" if len(group) > 1 else key
-            suffix = Path(source.path).suffix.lower()
+            suffix, readable = Path(source.path).suffix.lower(), ", ".join(TEXT_SUFFIXES + ROW_SUFFIXES)
             if not is_local(source):
                 problems.append(
                     f"{where}: data file not found: {source.path}" if suffix in TEXT_SUFFIXES else
@@ -45,9 +45,11 @@ def corpus_problems(data: DataConfig) -> list[str]:
                 continue
             if suffix and suffix not in TEXT_SUFFIXES + ROW_SUFFIXES and not missing_source(source):
                 if not local_path(source).is_dir():
-                    problems.append(f"{where}: {source.path}: task: pretrain reads {', '.join(TEXT_SUFFIXES + ROW_SUFFIXES)} files or folders.")
+                    problems.append(f"{where}: {source.path}: task: pretrain reads {readable} files or folders.")
             if source.format not in ("auto", "text"):
-                problems.append(f"{where}.format: {source.format} rows are for sft; pretraining reads raw text (format: text or auto).")
+                problems.append(
+                    f"{where}.format: {source.format} rows are for sft; pretraining reads raw text (format: text or auto)."
+                )
     return problems
 
 
@@ -58,10 +60,10 @@ def source_files(source: DataSource) -> list[Path]:
         if not path.is_file():
             raise DataError(f"data file not found: {source.path}")
         return [path]
-    return sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+    def hidden(file: Path) -> bool:
+        return any(part.startswith(".") for part in file.relative_to(path).parts)
+
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not hidden(p))
 
 
 @dataclass

@@ -53,7 +53,10 @@ def architecture_problems(recipe: Recipe) -> list[str]:
         problems = []
         hidden, heads = _first(config, HIDDEN_KEYS), _first(config, HEAD_KEYS)
         if hidden and heads and not config.get("head_dim") and hidden % heads:
-            problems.append(f"{key}: {heads} attention heads do not divide hidden size {hidden} (each head takes hidden / heads dimensions).")
+            problems.append(
+                f"{key}: {heads} attention heads do not divide hidden size {hidden} (each head takes hidden / heads "
+                "dimensions)."
+            )
     elif m.name_or_path is not None:
         key = "model.name_or_path"
         folder = Path(resolve_package_path(m.name_or_path) if m.name_or_path.startswith(PACKAGE_SCHEME) else m.name_or_path)

@@ -39,6 +39,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, model_max_length: int | Non
     tok.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=END_OF_TEXT, bos_token=END_OF_TEXT, pad_token=PAD,
+        extra_special_tokens=SPECIAL_TOKENS[2:],  # the chat tokens count as special (SFT stops on <|im_end|>)
         model_max_length=model_max_length or int(1e30),  # transformers' "no limit"; the run sets the model's context
         clean_up_tokenization_spaces=False,  # decoding gives back the bytes, " ." and " 's" included
     )

@@ -48,7 +48,9 @@ class ArchitectureConfig(Section):
     tie_embeddings: bool = Field(
         True, description="One matrix for the input embeddings and the output head (saves vocabulary x hidden weights)."
     )
-    rope_theta: float = Field(10_000.0, gt=0, allow_inf_nan=False, description="Base frequency of the rotary position embeddings.")
+    rope_theta: float = Field(
+        10_000.0, gt=0, allow_inf_nan=False, description="Base frequency of the rotary position embeddings."
+    )
     initializer_range: float = Field(
         0.02, gt=0, le=1, allow_inf_nan=False, description="Standard deviation of the random initial weights."
     )
@@ -63,7 +65,8 @@ class ArchitectureConfig(Section):
         described = [k for k in ARCHITECTURE_KEYS if getattr(self, k) is not None]
         if self.file is not None:
             if described:
-                raise ValueError(f"set either file (a config.json) or the architecture's keys ({', '.join(described)}), not both")
+                keys = ", ".join(described)
+                raise ValueError(f"set either file (a config.json) or the architecture's keys ({keys}), not both")
             return self
         missing = [k for k in ("layers", "hidden_size", "heads", "context_length") if getattr(self, k) is None]
         if missing:
@@ -74,7 +77,10 @@ class ArchitectureConfig(Section):
                 "dimensions. Choose heads among the divisors of hidden_size."
             )
         if self.kv_heads is not None and self.heads % self.kv_heads:
-            raise ValueError(f"kv_heads {self.kv_heads} does not divide heads {self.heads}: each key/value head serves a whole group of query heads.")
+            raise ValueError(
+                f"kv_heads {self.kv_heads} does not divide heads {self.heads}: each key/value head serves a whole group "
+                "of query heads."
+            )
         return self
 
     @property
@@ -287,8 +293,11 @@ class DataConfig(Section):
         "out whole documents.",
     )
     seed: int = Field(42, ge=0, lt=2**32, description="Seed for shuffling and the held-out split.")
-    max_length: int = Field(1024, gt=0, le=1_048_576, description="Maximum tokens per example; longer examples are truncated. `task: pretrain`: the length of the blocks the "
-        "corpus is packed into.")
+    max_length: int = Field(
+        1024, gt=0, le=1_048_576,
+        description="Maximum tokens per example; longer examples are truncated. `task: pretrain`: the length of the "
+        "blocks the corpus is packed into.",
+    )
     packing: bool = Field(False, description="Pack several examples into each sequence of `max_length` tokens.")
     padding_free: bool = Field(
         True,

@@ -208,7 +208,7 @@ class PretrainTask(Task):
         split = blocks.split
         return (
             f"{split.tokens:,} in {split.documents:,} documents = {len(blocks):,} blocks of {blocks.length}, "
-            f"{blocks.dropped:,} left over after the last block (not used)" + (" (cached)" if self.tokens.cached else "")
+            f"{blocks.dropped:,} left over after the last block (not used)" + ("; tokens from the cache" if self.tokens.cached else "")
         )
 
     def metrics_extra(self) -> dict:
