@@ -27,6 +27,8 @@ def recipe_problems(recipe: Recipe, runtime: Runtime, data: bool = True) -> list
     if data:
         problems += _model_problems(recipe)
         problems += _data_source_problems(recipe)
+        if recipe.task == "pretrain":
+            problems += _pretrain_problems(recipe)
     return problems
 
 
@@ -94,6 +96,8 @@ def _model_problems(recipe: Recipe) -> list[str]:
         return vision_problems(recipe)
     from finetune.models.checkpoint import model_problem
 
+    if recipe.model.name_or_path is None:  # a new model (model.config): checked with the pretraining problems
+        return []
     problem = model_problem(recipe.model)
     return [problem] if problem else []
 
@@ -128,8 +132,10 @@ def model_config_problems(recipe: Recipe) -> list[str]:
         )
     context = _config_value(config, _CONTEXT_KEYS)
     # Only a length the recipe sets: the default (1024) is for the usual 2k+ contexts, and classification caps it at
-    # a BERT-style model's 512 positions with a warning (tasks/classification.py).
-    if context and "max_length" in recipe.data.model_fields_set and recipe.data.max_length > context[1]:
+    # a BERT-style model's 512 positions with a warning (tasks/classification.py). Pretraining fills every block to
+    # max_length, so there the default must fit too.
+    explicit = "max_length" in recipe.data.model_fields_set or recipe.task == "pretrain"
+    if context and explicit and recipe.data.max_length > context[1]:
         problems.append(
             f"data.max_length: {recipe.data.max_length} is longer than the model reads ({context[0]} is {context[1]} "
             f"in {source}); use at most {context[1]}."
@@ -154,6 +160,15 @@ def head_problems(recipe: Recipe, labels: list[str]) -> list[str]:
         f"training data has {len(labels)} labels ({', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''}). "
         f"Train it on {len(head)} labels, or start from a model without a classification head."
     ]
+
+
+def _pretrain_problems(recipe: Recipe) -> list[str]:
+    """Sources pretraining cannot read (hub datasets, other file types), and what the model's config.json shows:
+    heads that do not divide the hidden size, a data.max_length past its position embeddings."""
+    from finetune.data.text import corpus_problems
+    from finetune.models.architecture import architecture_problems
+
+    return corpus_problems(recipe.data) + architecture_problems(recipe)
 
 
 def _data_source_problems(recipe: Recipe) -> list[str]:

@@ -132,7 +132,7 @@ def _train(recipe: Recipe, start: Start, callbacks) -> RunResult:
     tokens = micro_batch_tokens(trainer.train_dataset, recipe.train.micro_batch_size, recipe.data.max_length,
                                 padding_free=bool(getattr(trainer.args, "padding_free", False)))
     memory = estimate_run_memory(recipe, runtime, trainer.model, counts, tokens=tokens)
-    plan = make_plan(recipe, runtime, counts, eval_rows=eval_rows, skipped=task.skipped, model_name=recipe.model.name_or_path,
+    plan = make_plan(recipe, runtime, counts, eval_rows=eval_rows, skipped=task.skipped, model_name=recipe.model.label,
                      memory=memory, **task.plan_rows(trainer))
     if runtime.is_main:
         print(plan.render(), flush=True)

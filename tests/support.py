@@ -109,6 +109,28 @@ def keyword_rows(n: int, keywords=KEYWORDS, seed: int = 0, weights=None) -> list
     return rows
 
 
+STORY_WORDS = {
+    "adjective": "old young small great wise quiet".split(),
+    "noun": "king queen shepherd city river mountain servant prophet".split(),
+    "verb": "saw found blessed followed feared remembered".split(),
+}
+
+
+def write_story_corpus(folder: Path, documents: int = 24, sentences: int = 30, seed: int = 0) -> Path:
+    """A folder of text files, each a document of sentences from one small grammar ("the old king saw the city."):
+    structure a tiny model learns in seconds, where a unigram model only knows the word frequencies."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(documents):
+        words = {kind: rng.sample(options, 3) for kind, options in STORY_WORDS.items()}  # each document its favourites
+        lines = [
+            f"the {rng.choice(words['adjective'])} {rng.choice(words['noun'])} {rng.choice(words['verb'])} the "
+            f"{rng.choice(words['noun'])}." for _ in range(sentences)
+        ]
+        (folder / f"doc{index:03d}.txt").write_text(" ".join(lines) + "\n")
+    return folder
+
+
 # --------------------------------------------------------------------------------------------
 # Recipe builders
 # --------------------------------------------------------------------------------------------
@@ -236,5 +258,28 @@ def image_recipe(model: str, images, out: Path, **sections) -> dict:
         "train": {"epochs": 6, "micro_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 50, "save_checkpoints": False,
                   "warmup_ratio": 0.0, "num_threads": 1},  # fmt: skip
         "output": {"dir": str(out)},
+    }
+    return _merge_sections(recipe, sections)
+
+
+def pretrain_recipe(tmp: Path, corpus: Path, **sections) -> dict:
+    """Pretraining from scratch of a 2-layer Llama (hidden 64) with a BPE trained on `corpus` (a text file or folder);
+    keyword sections are merged into (or replace) the defaults."""
+    recipe = {
+        "task": "pretrain",
+        "model": {"config": {"layers": 2, "hidden_size": 64, "heads": 4, "kv_heads": 2, "context_length": 64}},
+        "pretrain": {"vocab_size": 320},
+        "data": {"train": str(corpus), "eval_fraction": 0.15, "max_length": 32},
+        "train": {
+            "max_steps": 40,
+            "micro_batch_size": 8,
+            "learning_rate": 1e-2,
+            "warmup_ratio": 0.0,
+            "logging_steps": 5,
+            "eval_steps": 1000,  # only the evaluations before and after training
+            "save_checkpoints": False,
+            "num_threads": 1,
+        },
+        "output": {"dir": str(tmp / "out")},
     }
     return _merge_sections(recipe, sections)

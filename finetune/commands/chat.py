@@ -30,12 +30,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def load_for_chat(run_dir: str, base_only: bool = False):
-    """Base model (+ the run's adapter unless `base_only`) and tokenizer of a finished SFT run."""
+    """The model of a finished SFT run (its base with the adapter, or the fully fine-tuned model; the base alone with
+    `base_only`) and its tokenizer."""
     from pathlib import Path
 
     run = Path(run_dir)
     if not (run / "recipe.yaml").is_file():
         raise FinetuneError(f"{run}: not a run folder (no recipe.yaml). Give the output.dir of a finished run.")
+    from finetune.recipe import load_recipe
+
+    if load_recipe(run / "recipe.yaml").task == "pretrain":
+        raise FinetuneError(
+            f"{run}: a pretraining run; its model continues text instead of answering (its samples are in "
+            f"{run / 'samples.json'}). Fine-tune it with an sft recipe whose model.name_or_path is {run} "
+            "(recipes/pretrain_tiny_sft.yaml does), then chat with that run."
+        )
     recipe = run_recipe(run, "chat")  # a classifier's encoder loaded as a causal LM would answer with random words
 
     import torch
@@ -44,8 +53,12 @@ def load_for_chat(run_dir: str, base_only: bool = False):
     from finetune.models.adapters import load_adapter
     from finetune.models.loading import load_checkpoint, resolve_model_path
 
-    base = resolve_model_path(recipe.model)
     trust = recipe.model.trust_remote_code
+    # A full fine-tune's trained model is the run folder itself; an adapter run's is its base plus the adapter.
+    trained_in_full = not (run / "adapter_config.json").is_file() and any(
+        (run / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
+    )
+    base = str(run) if trained_in_full and not base_only else resolve_model_path(recipe.model)
     tokenizer = AutoTokenizer.from_pretrained(run if (run / "tokenizer_config.json").is_file() else base, trust_remote_code=trust)
     model = load_checkpoint(AutoModelForCausalLM, base, "model.name_or_path", trust_remote_code=trust, dtype=torch.float32)
     if (run / "generation_config.json").is_file():

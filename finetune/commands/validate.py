@@ -30,11 +30,12 @@ def validate_command(recipe: Recipe, path: str, check_rows: bool = False) -> int
     from finetune.tasks.registry import load_task
 
     check_recipe(recipe, resolve_runtime(recipe), source=path)
-    print(f"OK: {path} is a valid {recipe.task} recipe ({recipe.model.name_or_path}, adapter {recipe.adapter.type}).")
+    print(f"OK: {path} is a valid {recipe.task} recipe ({recipe.model.label}, adapter {recipe.adapter.type}).")
     if check_rows:
         task = load_task(recipe.task)
-        # Rows whose completion data.max_length cuts off are unusable too; an image task has no tokenizer.
-        tokenizer = base_tokenizer(recipe) if task.needs_tokenizer else None
+        # Rows whose completion data.max_length cuts off are unusable too; an image task, and a new model
+        # (model.config), have no tokenizer yet.
+        tokenizer = base_tokenizer(recipe) if task.needs_tokenizer and recipe.model.name_or_path is not None else None
         for key, group in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
             if not group:
                 continue

@@ -124,6 +124,8 @@ def model_config(model: ModelConfig) -> tuple[dict, str] | None:
     skipped, and loading reports the rest."""
     from finetune.models.gguf import converted_folder, gguf_config
 
+    if model.name_or_path is None:  # a new model from model.config: nothing to read yet
+        return None
     try:
         name = local_name(model)
     except FinetuneError:

@@ -26,3 +26,33 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
         samples.append({"prompt": prompt, "answer": answer})
     model.train(was_training)
     return samples
+
+
+def sample_continuations(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, prefix: list[int], temperature: float, top_k: int | None,
+    seed: int, context: int,
+) -> list[dict]:
+    """Texts that continue `prompts`, each the start of a new document (`prefix`: the ids a document starts after),
+    sampled with `seed` so the same model gives the same samples (greedy when `temperature` is 0). The total length
+    stays within `context` positions, the longest the model trained on; `top_k` None samples from every token."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    samples = []
+    for number, prompt in enumerate(prompts):
+        ids = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        room = max(0, min(max_new_tokens, context - len(ids)))
+        inputs = torch.tensor([ids], device=device)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or 0) if temperature > 0 else dict(do_sample=False)
+        torch.manual_seed(seed + number)  # each prompt its own seed: a sample does not depend on the prompts before it
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=room, min_new_tokens=0,
+                pad_token_id=tokenizer.pad_token_id, **sampling,
+            ) if room else inputs
+        text = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
+        samples.append({"prompt": prompt, "text": prompt + text})
+    model.train(was_training)
+    return samples

@@ -9,6 +9,7 @@ from finetune.recipe.loading import apply_overrides, format_errors, load_recipe,
 from finetune.recipe.reference import description, explain, reference_markdown
 from finetune.recipe.schema import (
     AdapterConfig,
+    ArchitectureConfig,
     ClassificationConfig,
     DataConfig,
     DataSource,
@@ -18,6 +19,7 @@ from finetune.recipe.schema import (
     MergeConfig,
     ModelConfig,
     OutputConfig,
+    PretrainConfig,
     QuantizationConfig,
     Recipe,
     Section,
@@ -26,8 +28,8 @@ from finetune.recipe.schema import (
 )
 
 __all__ = [
-    "AdapterConfig", "ClassificationConfig", "DataConfig", "DataSource", "Dtype", "EvalConfig", "ImageConfig", "MergeConfig",
-    "ModelConfig", "OutputConfig", "QuantizationConfig", "Recipe", "Section", "TrainConfig", "apply_overrides",
+    "AdapterConfig", "ArchitectureConfig", "ClassificationConfig", "DataConfig", "DataSource", "Dtype", "EvalConfig", "ImageConfig",
+    "MergeConfig", "ModelConfig", "OutputConfig", "PretrainConfig", "QuantizationConfig", "Recipe", "Section", "TrainConfig", "apply_overrides",
     "combination_problems", "description", "explain", "format_errors", "load_recipe", "recipe_to_dict", "reference_markdown",
     "save_recipe", "validate_recipe",
 ]

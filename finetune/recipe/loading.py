@@ -84,10 +84,14 @@ def write_yaml(data: Any) -> str:
 
 def path_problems(recipe: Recipe) -> list[str]:
     """Paths no file system can hold (a NUL byte, a name too long): said here, before anything stats them."""
-    paths = [("model.name_or_path", recipe.model.name_or_path), ("output.dir", recipe.output.dir)]
+    m = recipe.model
+    paths = [("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer), ("output.dir", recipe.output.dir)]
+    paths += [("model.config.file", m.config.file)] if m.config is not None else []
     paths += [(f"data.{key}[{i}].path", s.path) for key in ("train", "eval") for i, s in enumerate(getattr(recipe.data, key) or [])]
     problems = []
     for key, text in paths:
+        if text is None:
+            continue
         try:
             os.stat(text)
         except (FileNotFoundError, NotADirectoryError):

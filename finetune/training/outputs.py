@@ -91,5 +91,5 @@ def save_run_files(trainer, recipe: Recipe, out: Path, plan, extra: dict | None 
     if trainer.is_world_process_zero():
         save_recipe(recipe, out)
         write_json(out / "train_metrics.json", metrics)
-        plot_loss_curve(history, out / "loss_curve.png", title=f"{recipe.task}: {recipe.model.name_or_path}")
+        plot_loss_curve(history, out / "loss_curve.png", title=f"{recipe.task}: {recipe.model.label}")
     return metrics
