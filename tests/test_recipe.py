@@ -134,7 +134,7 @@ def test_all_problems_reported_at_once(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"error: 3 problems in {path}:",
-        "  - adapter.type: 'lorra' is not allowed; choose one of: lora, qlora, none. Did you mean 'lora'?",
+        "  - adapter.type: 'lorra' is not allowed; choose one of: lora, qlora, none, head. Did you mean 'lora'?",
         "  - adapter.r: 0 is out of range (0, 4096]; typical ranks are 4 to 64",
         "  - train.optimizer: 'adam' is not allowed; choose one of: adamw_torch, adamw_8bit, paged_adamw_8bit, "
         "paged_adamw_32bit, adafactor, sgd.",
