@@ -283,3 +283,43 @@ def pretrain_recipe(tmp: Path, corpus: Path, **sections) -> dict:
         "output": {"dir": str(tmp / "out")},
     }
     return _merge_sections(recipe, sections)
+
+
+def tiny_same_padding_net(num_classes: int = 10, depth: int = 22):
+    """A plain classifier whose 1x1 convolutions (`blocks.N.pointwise`) are an `nn.Conv2d` subclass padding in its own
+    forward (as EfficientNet ports do), `depth` of them: more than the 20 targets above which PEFT saves target names
+    as the shortest suffixes that select them (here `pointwise`)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class SamePaddingConv2d(nn.Conv2d):
+        def __init__(self, in_channels, out_channels, kernel_size, image_size=None, **kwargs):
+            assert image_size is not None  # PEFT cannot build one of these with the base layer's arguments
+            super().__init__(in_channels, out_channels, kernel_size, **kwargs)
+
+        def forward(self, x):
+            pad = self.kernel_size[0] - 1
+            return F.conv2d(F.pad(x, [pad // 2, pad - pad // 2] * 2), self.weight, self.bias, self.stride, 0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pointwise = SamePaddingConv2d(8, 8, 1, image_size=32)
+
+        def forward(self, x):
+            return F.relu(self.pointwise(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = SamePaddingConv2d(3, 8, 3, image_size=32)
+            self.blocks = nn.ModuleList(Block() for _ in range(depth))
+            self.fc = nn.Linear(8, num_classes)
+
+        def forward(self, x):
+            x = F.relu(self.stem(x))
+            for block in self.blocks:
+                x = block(x)
+            return self.fc(x.mean((2, 3)))
+
+    return Net()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import image_recipe, tiny_convnet  # noqa: F401  (tiny_convnet: built by name in recipes below)
+from support import image_recipe
 
 from finetune.data.classification import LabelMap
 from finetune.errors import DataError, FinetuneError
@@ -355,3 +355,28 @@ def test_a_plain_torch_model_trains_merges_and_predicts(toy_images_dir, tmp_path
     pixels = torch.stack([classifier.preprocessing(open_image(str(f), "")) for f in files])
     with torch.no_grad():
         assert torch.allclose(merged(pixel_values=pixels).logits, predict_image_logits(classifier, files), atol=1e-5)
+
+
+def test_lora_on_same_padding_convolutions_trains_reloads_and_merges(toy_images_dir, tmp_path):
+    """1x1 convolutions of an nn.Conv2d subclass that pads in its own forward (PEFT cannot build its LoRA layers with
+    such a class) become plain nn.Conv2d with the same weights for training, and again when predict and merge rebuild
+    the base; the 3x3 one is not a default target. 22 targets: PEFT saves them as a short suffix."""
+    from finetune.data.images import open_image
+    from finetune.evaluation.image_classifier import load_image_classifier, predict_image_logits
+    from finetune.merge.images import load_merged_image_model
+    from finetune.merge.merging import merge_adapter
+
+    recipe = image_recipe("support:tiny_same_padding_net", toy_images_dir, tmp_path / "out", train={"epochs": 1})
+    result = train(recipe)
+    saved = json.loads((result.output_dir / "adapter_config.json").read_text())["target_modules"]
+    assert saved == ["pointwise"]  # saved as a suffix: the reload must match it as PEFT does
+    classifier = load_image_classifier(result.output_dir)
+    files = sorted(toy_images_dir.rglob("*.png"))[:4]
+    logits = predict_image_logits(classifier, files)
+    report = merge_adapter(result.output_dir, tmp_path / "merged")
+    assert report.merged_modules == 22
+    merged = load_merged_image_model(tmp_path / "merged", hf=False)  # the original architecture, subclass and all
+    assert type(merged.model.blocks[0].pointwise).__name__ == "SamePaddingConv2d"
+    pixels = torch.stack([classifier.preprocessing(open_image(str(f), "")) for f in files])
+    with torch.no_grad():
+        assert torch.allclose(merged(pixel_values=pixels).logits, logits, atol=1e-5)

@@ -486,12 +486,14 @@ def plain_convolutions(model, names: list[str]) -> list[str]:
 
 
 def prepare_for_saved_adapter(model, adapter_dir: Path) -> None:
-    """Before PEFT loads a saved image adapter onto a rebuilt base: the same plain convolutions training made."""
+    """Before PEFT loads a saved image adapter onto a rebuilt base: the same plain convolutions training made. PEFT
+    saves many targets as the shortest suffixes that select them, so names match as PEFT matches them."""
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     targets = config.get("target_modules") or []
     if isinstance(targets, str):
         return
-    plain_convolutions(model, [n for n, _ in model.named_modules() if n in set(targets)])
+    names = [n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in targets)]
+    plain_convolutions(model, names)
 
 
 def head_inputs(model, head: str, dataset, batch_size: int = 64):
