@@ -157,6 +157,27 @@ def test_a_state_dict_with_another_head_loads_every_other_weight_bit_exactly(kin
     assert lines["  replaced"] == "2: classifier.1.bias, classifier.1.weight"
 
 
+def test_preprocessing_follows_the_checkpoint_unless_the_recipe_sets_it(tiny_vit_dir, toy_images_dir, tmp_path):
+    import shutil
+
+    from finetune.data.images import recipe_preprocessing
+    from finetune.models.vision import build_image_model, checkpoint_preprocessing
+
+    folder = tmp_path / "vit"
+    shutil.copytree(tiny_vit_dir, folder)
+    recipe = validate_recipe(image_recipe(folder, toy_images_dir, tmp_path / "out", image={"size": None}))
+    built = build_image_model(recipe, LABELS)
+    assert checkpoint_preprocessing(built) == (32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                                               "config image_size, ImageNet mean/std (no preprocessor_config.json)")  # fmt: skip
+    processor = {"do_resize": True, "size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3, "image_std": [0.25] * 3}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    assert checkpoint_preprocessing(built) == (32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "preprocessor_config.json")
+    recipe = validate_recipe(image_recipe(folder, toy_images_dir, tmp_path / "out", image={"size": None, "mean": [0.1, 0.2, 0.3]}))
+    chosen = recipe_preprocessing(recipe, *checkpoint_preprocessing(built))
+    assert (chosen.size, chosen.mean, chosen.std) == (32, (0.1, 0.2, 0.3), (0.25, 0.25, 0.25))
+    assert chosen.source == "image.mean from the recipe; the rest preprocessor_config.json"
+
+
 def test_a_checkpoint_whose_keys_match_nothing_says_to_rename_them(tiny_resnet_dir, toy_images_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
