@@ -408,6 +408,28 @@ def test_continued_pretraining_with_lora_changes_only_the_adapter(tiny_llama_dir
     assert evals[-1] < evals[0]
 
 
+def test_continued_pretraining_with_qlora_on_a_4bit_base(llama64, tmp_path):
+    from finetune.runner import run
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i}.txt").write_text(" ".join(WORDS[i * 3 :] + WORDS[: i * 3]))
+    data = pretrain_recipe(tmp_path, folder, adapter={"type": "qlora", "r": 8, "alpha": 16, "dropout": 0.0})
+    data["model"] = {"name_or_path": str(llama64)}
+    result = run(validate_recipe(data))
+    assert result.metrics["plan"]["quantization"].startswith("4-bit nf4")
+    packed = [p for p in result.model.parameters() if p.dtype == torch.uint8]
+    assert packed and not any(p.requires_grad for p in packed)  # the 4-bit base only passes gradients through
+    assert all(p.abs().sum() > 0 for n, p in result.model.named_parameters() if "lora_B" in n)
+    evals = [h["eval_loss"] for h in result.metrics["log_history"] if "eval_loss" in h]
+    assert evals[-1] < evals[0]
+    # FLOPs count the 4-bit weights as the weights they stand for: 2 layers (q, o 64x64; k, v 64x32; MLP 3 x 64x128)
+    # and the head, kept in full precision.
+    per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128
+    assert result.metrics["flops"]["frozen_matmul_weights"] == 2 * per_layer + result.model.config.vocab_size * 64
+
+
 # --------------------------------------------------------------------------------------------
 # Errors: one message each, before anything heavy
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ causal LM from a config.json; what can be checked of it without building it; and
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from finetune.errors import FinetuneError
@@ -137,10 +138,12 @@ def training_flops_per_token(model, context: int) -> dict:
         if not isinstance(module, torch.nn.Linear) or weight is None or id(weight) in seen:
             continue
         seen.add(id(weight))  # a tied head is one matrix multiply of its own, counted once here
+        state = getattr(weight, "quant_state", None)  # bitsandbytes packs two 4-bit weights in a byte
+        count = math.prod(state.shape) if getattr(state, "shape", None) is not None else weight.numel()
         if weight.requires_grad:
-            trained += weight.numel()
+            trained += count
         else:
-            frozen += weight.numel()
+            frozen += count
     config = model.config
     config = getattr(config, "get_text_config", lambda: config)()
     layers = getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0)
