@@ -78,13 +78,22 @@ def _quantization_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
 
 
 def _deepspeed_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
-    from finetune.distributed.zero import deepspeed_problems, load_deepspeed_config
+    from finetune.distributed.zero import deepspeed_problems, load_deepspeed_config, zero_stage
 
     try:
         config = load_deepspeed_config(recipe.deepspeed)
     except FinetuneError as exc:
         return [str(exc)]
-    return deepspeed_problems(recipe, config, has_cuda=runtime.device == "cuda")
+    problems = deepspeed_problems(recipe, config, has_cuda=runtime.device == "cuda")
+    if zero_stage(config) == 3 and runtime.world_size > 1 and recipe.eval.prompts and recipe.task in ("sft", "pretrain"):
+        # Measured: a 2-process ZeRO-3 run with eval.prompts trained, then waited forever in the main process's
+        # generation, whose forward passes gather weights the other processes never offer.
+        problems.append(
+            f"eval.prompts: the answers (samples) after training are generated on the main process, which hangs under "
+            f"ZeRO-3 with {runtime.world_size} processes (each holds a slice of the weights). Remove eval.prompts and "
+            "ask the finished run with `finetune chat`, or use ZeRO-2."
+        )
+    return problems
 
 
 def _model_problems(recipe: Recipe) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from finetune.cli import main as cli_main
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, RecipeError
 from finetune.commands.launch import add_arguments
 from finetune.distributed.launch import RUN_SCRIPT, build_plan, check_hosts, dry_run_text, node_command, node_environment, parse_hostfile, slurm_script
 from support import free_port
@@ -309,3 +309,17 @@ def test_local_nodes_run_a_real_two_node_job(tmp_path, cpu_recipe, launcher):
     reports = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("probe-rank*.json"))]
     assert [(r["rank"], r["world"], r["sum"]) for r in reports] == [(0, 2, 3.0), (1, 2, 3.0)]
     assert all(r["args"] == [cpu_recipe, "train.max_steps=2"] for r in reports)
+
+
+def test_zero3_with_eval_prompts_on_several_processes_is_refused_before_launching(tmp_path):
+    """Measured: such a run trained, then hung in the main process's generation (ZeRO-3 partitions the weights)."""
+    recipe = write_recipe(tmp_path, "z3.yaml", deepspeed="zero3", eval='{prompts: ["Who are you?"]}')
+    with pytest.raises(RecipeError) as error:
+        plan(recipe, "--nproc-per-node", 2)
+    assert error.value.problems == [
+        "eval.prompts: the answers (samples) after training are generated on the main process, which hangs under ZeRO-3 "
+        "with 2 processes (each holds a slice of the weights). Remove eval.prompts and ask the finished run with "
+        "`finetune chat`, or use ZeRO-2."
+    ]
+    assert plan(recipe, "--nproc-per-node", 1).world_size == 1  # one process holds every weight: nothing to refuse
+    assert plan(write_recipe(tmp_path, "z2.yaml", deepspeed="zero2", eval='{prompts: ["hi"]}'), "--nproc-per-node", 2).world_size == 2

@@ -199,6 +199,7 @@ def build_plan(args: argparse.Namespace) -> LaunchPlan:
     if not use_cpu and runtime.device != "cuda":  # launching GPU nodes from a machine without one (a login node)
         precision = "bf16" if recipe.train.precision == "auto" else recipe.train.precision
         runtime = replace(runtime, device="cuda", precision=precision, problems=())
+    runtime = replace(runtime, world_size=plan.world_size)  # the job's processes, not this launching one
     check_recipe(recipe, runtime, source=args.recipe, data=False)
     plan.notes += recipe_warnings(recipe, runtime)
     if recipe.deepspeed:
