@@ -49,6 +49,7 @@ def recipe_key_help(key: str, lead: str = "") -> str:
 # What each task's finished run is used with: a run of another task is pointed there.
 RUN_COMMANDS = {
     "sft": ("an SFT", "chat", "answers prompts with", '--prompt "..."'),
+    "preference": ("a preference", "chat", "answers prompts with", '--prompt "..."'),
     "classification": ("a classification", "predict", "labels texts with", '--text "..."'),
     "image_classification": ("an image-classification", "predict", "labels images with", "--image FILE"),
 }

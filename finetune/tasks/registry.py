@@ -13,6 +13,7 @@ TASKS = {
     "sft": ("finetune.tasks.sft:SFTTask", "supervised fine-tuning of a causal LM"),
     "classification": ("finetune.tasks.classification:ClassificationTask", "sequence classification"),
     "image_classification": ("finetune.tasks.image_classification:ImageClassificationTask", "image classification (transfer learning)"),
+    "preference": ("finetune.tasks.preference:PreferenceTask", "preference tuning of a causal LM (DPO, IPO, SimPO, ORPO, KTO), from a base or an SFT run"),
     "pretrain": ("finetune.tasks.pretrain:PretrainTask", "pretraining a causal LM on raw text, from scratch or continued"),
 }
 
