@@ -1,0 +1,353 @@
+"""Preference tuning (`task: preference`): the rows and their exact problems, templating as SFT's, the reference
+model (the base, or exactly the SFT run's model), DPO's loss and gradients against a hand-written DPO, and a toy
+preference learned."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from finetune.errors import DataError, FinetuneError
+from finetune.recipe import validate_recipe
+from support import CAPITALS, _merge_sections, sft_recipe, write_jsonl
+
+LN2 = math.log(2)
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def capital_pairs(n: int = 20, seed: int = 0) -> list[dict]:
+    """Chat pairs: the right capital preferred to a wrong one."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        country = rng.choice(list(CAPITALS))
+        wrong = rng.choice([c for c in CAPITALS.values() if c != CAPITALS[country]])
+        rows.append({"prompt": chat(f"what is the capital of {country}"), "chosen": CAPITALS[country], "rejected": wrong})
+    return rows
+
+
+def pref_recipe(model_dir, tmp, rows=None, **sections) -> dict:
+    train = write_jsonl(tmp / "pairs.jsonl", rows if rows is not None else capital_pairs())
+    recipe = {
+        "task": "preference",
+        "model": {"name_or_path": str(model_dir)},
+        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(train), "max_length": 64},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+                  "logging_steps": 1, "save_checkpoints": False, "num_threads": 1},
+        "output": {"dir": str(tmp / "out")},
+    }
+    return _merge_sections(recipe, sections)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_llama_dir, tmp_path_factory):
+    """A finished LoRA SFT run on the capitals: the starting point (and reference) of preference runs."""
+    from finetune.runner import run
+
+    tmp = tmp_path_factory.mktemp("sft-start")
+    recipe = validate_recipe(sft_recipe(tiny_llama_dir, tmp, train={"epochs": 2, "logging_steps": 5, "num_threads": 1,
+                                                                   "micro_batch_size": 8, "learning_rate": 3e-2,
+                                                                   "warmup_ratio": 0.0, "save_checkpoints": False}))
+    run(recipe)
+    return tmp / "out"
+
+
+def build(recipe_dict, tmp):
+    """The preference task's trainer, built as the runner builds it (no training)."""
+    from finetune.runtime import resolve_runtime
+    from finetune.tasks.preference import PreferenceTask
+    from finetune.training.arguments import training_arguments
+
+    recipe = validate_recipe(recipe_dict)
+    runtime = resolve_runtime(recipe)
+    task = PreferenceTask(recipe, runtime)
+    path, tokenizer = task.load_base()
+    task.prepare_data(tokenizer, path, contextlib.nullcontext)
+    model = task.load_model(path)
+    task.prepare_model(model, tokenizer)
+    model = task.attach_adapter(model, [])
+    config_class, kwargs = task.trainer_config()
+    args = training_arguments(recipe, runtime, tmp / "out", has_eval=False, config_class=config_class, **kwargs)
+    return task, task.build_trainer(model, args, tokenizer, [])
+
+
+# --------------------------------------------------------------------------------------------
+# Rows: formats and bad rows (no model)
+# --------------------------------------------------------------------------------------------
+
+
+def read(tmp_path, rows, **data):
+    from finetune.tasks.preference import PreferenceTask
+
+    recipe = validate_recipe(pref_recipe(tmp_path / "nomodel", tmp_path, rows=rows, data=data))
+    return PreferenceTask.read_rows(recipe, recipe.data.train)
+
+
+def test_formats_text_chat_implicit_prompt_and_unpaired(tmp_path):
+    rows = read(tmp_path, [
+        {"prompt": "q one", "chosen": "yes", "rejected": "no"},
+        {"prompt": chat("q two"), "chosen": [{"role": "assistant", "content": "yes"}], "rejected": "no"},
+        {"chosen": [*chat("q three"), {"role": "assistant", "content": "yes"}],
+         "rejected": [*chat("q three"), {"role": "assistant", "content": "no"}]},
+    ]).rows
+    assert rows == [
+        {"prompt": "q one", "chosen": "yes", "rejected": "no"},
+        {"prompt": chat("q two"), "chosen": "yes", "rejected": "no"},
+        {"prompt": chat("q three"), "chosen": "yes", "rejected": "no"},
+    ]
+    (tmp_path / "u").mkdir()
+    unpaired = validate_recipe(pref_recipe(tmp_path, tmp_path / "u", rows=[{"prompt": "q", "completion": "a", "label": False}],
+                                           preference={"loss": "kto"}))
+    from finetune.tasks.preference import PreferenceTask
+
+    assert PreferenceTask.read_rows(unpaired, unpaired.data.train).rows == [{"prompt": "q", "completion": "a", "label": False}]
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"prompt": "q", "chosen": "same", "rejected": "same "}, "chosen and rejected are the same answer: the pair prefers nothing"),
+    ({"prompt": "q", "chosen": "  ", "rejected": "no"}, "'chosen' is an empty answer"),
+    ({"prompt": "q", "chosen": "yes"}, "'rejected' is missing"),
+    ({"prompt": "", "chosen": "yes", "rejected": "no"}, "'prompt' is missing or empty"),
+    ({"chosen": [*chat("q one"), {"role": "assistant", "content": "yes"}],
+      "rejected": [*chat("q two"), {"role": "assistant", "content": "no"}]},
+     "chosen and rejected conversations must share every message but the last (the prompt); they differ earlier, "
+     "so the prompt is not a prefix of both"),
+])
+def test_each_bad_row_is_named_by_file_and_row(tmp_path, row, problem):
+    good = {"prompt": "q", "chosen": "yes", "rejected": "no"}
+    with pytest.raises(DataError) as err:
+        read(tmp_path, [good, row])
+    assert str(err.value) == (f"{tmp_path / 'pairs.jsonl'}, row 2: {problem}  (set data.on_bad_row: skip to drop such "
+                              "rows and count them)")
+    skipped = read(tmp_path, [good, row, good], on_bad_row="skip")
+    assert (len(skipped.rows), skipped.skipped) == (2, 1)
+
+
+def test_unpaired_rows_need_kto(tmp_path):
+    with pytest.raises(DataError, match=r"^preference.loss: dpo needs pairs \(prompt, chosen, rejected\); the data holds "
+                                        r"unpaired rows"):
+        read(tmp_path, [{"prompt": "q", "completion": "a", "label": True}])
+
+
+def test_templating_is_sfts_with_end_of_turn_and_one_bos(tiny_llama_dir):
+    from finetune.data.preference import tokenize_preference_row
+    from finetune.data.sft import tokenize_row
+    from finetune.models.loading import load_tokenizer
+
+    recipe = validate_recipe(pref_recipe(tiny_llama_dir, tiny_llama_dir.parent))
+    tokenizer = load_tokenizer(recipe, str(tiny_llama_dir))
+    prompt = [{"role": "system", "content": "you are a kit"}, *chat("what is the capital of france")]
+    tokens = tokenize_preference_row({"prompt": prompt, "chosen": "paris", "rejected": "rome"}, tokenizer, 64)
+    sft = tokenize_row({"messages": [*prompt, {"role": "assistant", "content": "paris"}]}, tokenizer, False)
+    # The same ids as SFT trains on, and the answer is exactly SFT's labelled tokens (answer + end of turn).
+    assert tokens["prompt_ids"] + tokens["chosen_ids"] == sft["input_ids"]
+    assert tokens["chosen_ids"] == [t for t in sft["labels"] if t != -100]
+    assert tokenizer.convert_ids_to_tokens(tokens["chosen_ids"])[-2:] == ["<|im_end|>", "\n"]
+    text = tokenize_preference_row({"prompt": "the capital of france is", "chosen": " paris", "rejected": " rome"},
+                                   tokenizer, 64)
+    for ids in (text["prompt_ids"] + text["chosen_ids"], tokens["prompt_ids"] + tokens["rejected_ids"]):
+        assert ids.count(tokenizer.bos_token_id) <= 1
+    assert text["chosen_ids"][-1] == tokenizer.eos_token_id and text["chosen_ids"][0] != tokenizer.bos_token_id
+
+
+def test_a_row_over_max_length_is_reported_never_cut(tiny_llama_dir, tmp_path):
+    from finetune.tasks.preference import PreferenceTask
+    from finetune.models.loading import load_tokenizer
+
+    long = {"prompt": chat("what is the capital of france " * 6), "chosen": "paris", "rejected": "rome"}
+    recipe = validate_recipe(pref_recipe(tiny_llama_dir, tmp_path, rows=[capital_pairs(1)[0], long], data={"max_length": 32}))
+    tokenizer = load_tokenizer(recipe, str(tiny_llama_dir))
+    with pytest.raises(DataError, match=r"pairs.jsonl, row 2: the prompt and chosen answer are \d+ tokens, over "
+                                        r"data.max_length=32: a cut answer would be scored on part of itself"):
+        PreferenceTask.read_rows(recipe, recipe.data.train, tokenizer)
+
+
+def test_validate_data_reads_the_pairs(tiny_llama_dir, tmp_path, capsys):
+    from finetune.commands.validate import validate_command
+
+    rows = [*capital_pairs(3), {"prompt": "q", "chosen": "a", "rejected": "a"}]
+    recipe = validate_recipe(pref_recipe(tiny_llama_dir, tmp_path, rows=rows, data={"on_bad_row": "skip"}))
+    assert validate_command(recipe, "r.yaml", check_rows=True) == 0
+    assert "  data.train: 3 usable rows, 1 unusable skipped" in capsys.readouterr().out
+
+
+def test_from_run_must_be_a_run_of_the_same_base(tiny_llama_dir, llama64, sft_run, tmp_path):
+    from finetune.checks import recipe_problems
+    from finetune.runtime import resolve_runtime
+
+    ok = validate_recipe(pref_recipe(tiny_llama_dir, tmp_path, preference={"from_run": str(sft_run)}))
+    assert recipe_problems(ok, resolve_runtime(ok)) == []
+    other = validate_recipe(pref_recipe(llama64, tmp_path, preference={"from_run": str(sft_run)}))
+    assert recipe_problems(other, resolve_runtime(other)) == [
+        f"preference.from_run: {sft_run} was trained on {tiny_llama_dir}, but model.name_or_path is {llama64}: its "
+        f"adapter only fits its own base; set model.name_or_path: {tiny_llama_dir}."
+    ]
+    missing = validate_recipe(pref_recipe(tiny_llama_dir, tmp_path, preference={"from_run": str(tmp_path)}))
+    assert recipe_problems(missing, resolve_runtime(missing)) == [
+        f"preference.from_run: {tmp_path} is not a finished LoRA run (no recipe.yaml and adapter_config.json); train "
+        "the SFT run first, or give its output.dir."
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The reference and the loss
+# --------------------------------------------------------------------------------------------
+
+
+def first_log(result) -> dict:
+    return next(h for h in result.metrics["log_history"] if "loss" in h)
+
+
+@pytest.mark.parametrize("start", ["base", "sft"])
+def test_step_zero_loss_is_ln2_and_rewards_zero(tiny_llama_dir, sft_run, tmp_path, start):
+    """At step 0 the policy is the reference, whatever it starts from: a wrong reference (the bare base after SFT)
+    shows as a loss away from ln 2 and non-zero rewards."""
+    from finetune.runner import run
+
+    preference = {"from_run": str(sft_run)} if start == "sft" else {}
+    result = run(validate_recipe(pref_recipe(tiny_llama_dir, tmp_path, preference=preference, train={"max_steps": 1})))
+    first = first_log(result)
+    assert first["loss"] == pytest.approx(LN2, abs=1e-4)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert first[key] == pytest.approx(0.0, abs=1e-4), key
+    assert "rewards/accuracies" in first and "logps/chosen" in first
+    saved = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
+    assert saved["log_history"][0]["rewards/margins"] == first["rewards/margins"]
+    assert not (tmp_path / "out" / "ref").exists()  # the frozen reference copy is not part of the result
+
+
+def sequence_logp(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + answer])
+    logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    return logps.gather(-1, ids[0, 1:, None])[len(prompt) - 1 :, 0].sum()
+
+
+def test_reference_is_the_sft_model_not_the_base(tiny_llama_dir, sft_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models.adapters import load_adapter
+
+    _, trainer = build(pref_recipe(tiny_llama_dir, tmp_path, preference={"from_run": str(sft_run)}), tmp_path)
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    base_chosen = torch.stack([sequence_logp(base, r["prompt_ids"], r["chosen_ids"]) for r in rows]).detach()
+    sft = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), sft_run).eval()
+    with torch.no_grad():
+        sft_chosen = torch.stack([sequence_logp(sft, r["prompt_ids"], r["chosen_ids"]) for r in rows])
+        sft_rejected = torch.stack([sequence_logp(sft, r["prompt_ids"], r["rejected_ids"]) for r in rows])
+    torch.testing.assert_close(ref_chosen, sft_chosen, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ref_rejected, sft_rejected, atol=1e-4, rtol=0)
+    assert (ref_chosen - base_chosen).abs().max() > 0.05  # the SFT run moved the capitals' log-probs away from the base
+    # One model in memory: the reference is a frozen adapter, not a copy of the weights.
+    assert trainer.ref_model is None
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if ".ref." in n)
+
+
+def test_loss_and_gradients_equal_a_hand_written_dpo(tiny_llama_dir, sft_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.models.adapters import load_adapter
+
+    beta = 0.3
+    recipe = pref_recipe(tiny_llama_dir, tmp_path, preference={"from_run": str(sft_run), "beta": beta})
+    _, trainer = build(recipe, tmp_path)
+    model = trainer.model
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the policy away from the reference, so the loss is not ln 2 and every term counts
+        for name, param in model.named_parameters():
+            if ".default." in name and "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    kit_grads = {n: p.grad.clone() for n, p in trained.items()}
+    model.zero_grad()
+
+    reference = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), sft_run).eval()
+    with torch.no_grad():
+        ref = {k: torch.stack([sequence_logp(reference, r["prompt_ids"], r[f"{k}_ids"]) for r in rows]) for k in ("chosen", "rejected")}
+    pol = {k: torch.stack([sequence_logp(model, r["prompt_ids"], r[f"{k}_ids"]) for r in rows]) for k in ("chosen", "rejected")}
+    by_hand = -torch.nn.functional.logsigmoid(beta * ((pol["chosen"] - ref["chosen"]) - (pol["rejected"] - ref["rejected"]))).mean()
+    by_hand.backward()
+    assert abs(loss.item() - LN2) > 1e-3
+    torch.testing.assert_close(loss.detach(), by_hand.detach(), atol=1e-5, rtol=1e-5)
+    assert len(kit_grads) > 0
+    for name, param in trained.items():
+        torch.testing.assert_close(kit_grads[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_non_finite_loss_stops_naming_the_step(caplog):
+    from transformers import TrainerControl, TrainerState
+
+    from finetune.training.watch import PreferenceWatch
+
+    watch, state = PreferenceWatch(), TrainerState()
+    state.global_step = 7
+    with pytest.raises(FinetuneError, match=r"^the loss is nan at step 7: fp16 overflow"):
+        watch.on_log(None, state, TrainerControl(), logs={"loss": float("nan")})
+    for value in (-10.0, -11.0, -12.5):
+        watch.on_evaluate(None, state, TrainerControl(), metrics={"eval_logps/chosen": value})
+    assert "logps/chosen has fallen at each of the last three evaluations (-10.00 -> -11.00 -> -12.50)" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# A toy preference is learned
+# --------------------------------------------------------------------------------------------
+
+
+def ending_pairs(words, good: str, bad: str, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(24):
+        answer = " ".join(rng.sample(words, 2))
+        rows.append({"prompt": chat(f"what is {rng.choice(words)}"), "chosen": f"{answer} {good}", "rejected": f"{answer} {bad}"})
+    return rows
+
+
+def test_dpo_learns_a_toy_preference_the_reference_lacks(tiny_llama_dir, tmp_path):
+    """Answers that end in a given word are preferred: the word the base finds the less likely, so the reference's
+    held-out accuracy is low and only a trained policy can exceed it."""
+    from finetune.evaluation.preference import pair_scores
+    from finetune.models.adapters import load_adapter
+    from finetune.models.loading import load_tokenizer
+    from finetune.data.preference import tokenize_preference_row
+    from finetune.runner import run
+    from transformers import AutoModelForCausalLM
+
+    words = "cat dog bird fish sun moon tree river".split()
+    recipe = validate_recipe(pref_recipe(tiny_llama_dir, tmp_path))
+    tokenizer = load_tokenizer(recipe, str(tiny_llama_dir))
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    probe = [tokenize_preference_row(r, tokenizer, 64) for r in ending_pairs(words, "yes", "no", seed=9)]
+    good, bad = ("no", "yes") if pair_scores(base, probe).likelihood_accuracy > 0.5 else ("yes", "no")
+    held = [tokenize_preference_row(r, tokenizer, 64) for r in ending_pairs(words, good, bad, seed=1)]
+    before = pair_scores(base, held)
+    write_jsonl(tmp_path / "held.jsonl", ending_pairs(words, good, bad, seed=1))
+    result = run(validate_recipe(pref_recipe(
+        tiny_llama_dir, tmp_path, rows=ending_pairs(words, good, bad, seed=0),
+        data={"eval": str(tmp_path / "held.jsonl")},
+        train={"max_steps": 24, "learning_rate": 2e-2, "eval_steps": 24, "logging_steps": 4},
+        preference={"beta": 0.5},
+    )))
+    evals = [h for h in result.metrics["log_history"] if "eval_rewards/accuracies" in h]
+    assert evals[0]["eval_loss"] == pytest.approx(LN2, abs=1e-4)  # before training: the policy is the reference
+    assert evals[-1]["eval_rewards/accuracies"] == 1.0 and evals[-1]["eval_rewards/margins"] > 0.5
+    tuned = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "out").eval()
+    after = pair_scores(tuned, held)
+    assert after.against(before, beta=0.5)["pair_accuracy"] == 1.0
+    assert before.likelihood_accuracy <= 0.5 < after.likelihood_accuracy
