@@ -351,3 +351,45 @@ def test_dpo_learns_a_toy_preference_the_reference_lacks(tiny_llama_dir, tmp_pat
     after = pair_scores(tuned, held)
     assert after.against(before, beta=0.5)["pair_accuracy"] == 1.0
     assert before.likelihood_accuracy <= 0.5 < after.likelihood_accuracy
+
+
+# --------------------------------------------------------------------------------------------
+# finetune pairs
+# --------------------------------------------------------------------------------------------
+
+
+def test_pairs_are_deterministic_for_a_seed_drop_ties_and_carry_provenance(sft_run, tmp_path, capsys):
+    from finetune.cli import main
+
+    data = write_jsonl(tmp_path / "chats.jsonl", [
+        {"messages": [*chat(f"what is the capital of {c}"), {"role": "assistant", "content": f"{cap} is the answer"}]}
+        for c, cap in CAPITALS.items()
+    ])
+
+    def pairs(name, *extra):
+        assert main(["pairs", str(sft_run), "--data", str(data), "--out", str(tmp_path / name), "--max-new-tokens", "6",
+                     *extra]) == 0
+        return [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+
+    sampled = pairs("a.jsonl", "--temperature", "1.0", "--seed", "3")
+    assert pairs("b.jsonl", "--temperature", "1.0", "--seed", "3") == sampled
+    assert pairs("c.jsonl", "--temperature", "1.0", "--seed", "4") != sampled
+    first = sampled[0]
+    assert first["prompt"] == chat("what is the capital of france") and first["chosen"] == "paris is the answer"
+    assert set(first["provenance"]) == {"model", "model_hash", "decoding", "max_new_tokens", "tie_chrf", "chrf"}
+    assert first["provenance"]["decoding"] == {"temperature": 1.0, "top_p": 1.0, "seed": 3}
+    assert first["provenance"]["model"] == str(sft_run) and len(first["provenance"]["model_hash"]) == 16
+
+    greedy = pairs("greedy.jsonl")
+    # References equal to the model's own greedy answers are ties: those rows are dropped and counted.
+    tied = [{"messages": [*r["prompt"], {"role": "assistant", "content": r["rejected"]}]} for r in greedy[:2]]
+    write_jsonl(data, [*tied, {"messages": [*chat("what is the capital of spain"), {"role": "assistant", "content": "madrid is the capital of spain"}]}])
+    capsys.readouterr()
+    left = pairs("ties.jsonl")
+    assert "dropped 2 near-ties with chrF >= 90.0" in capsys.readouterr().out
+    assert [r["chosen"] for r in left] == ["madrid is the capital of spain"] and left[0]["provenance"]["decoding"] == {"greedy": True}
+    # The file is a preference file the task reads.
+    from finetune.tasks.preference import PreferenceTask
+
+    pref = validate_recipe(pref_recipe(tmp_path, tmp_path, rows=left))
+    assert PreferenceTask.read_rows(pref, pref.data.train).rows[0]["chosen"] == "madrid is the capital of spain"
