@@ -393,3 +393,60 @@ def test_pairs_are_deterministic_for_a_seed_drop_ties_and_carry_provenance(sft_r
 
     pref = validate_recipe(pref_recipe(tmp_path, tmp_path, rows=left))
     assert PreferenceTask.read_rows(pref, pref.data.train).rows[0]["chosen"] == "madrid is the capital of spain"
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+
+KILL_DRIVER = """
+import os, signal, sys
+from transformers import TrainerCallback
+from finetune.commands.common import guarded
+from finetune.recipe import load_recipe
+from finetune.runner import run
+
+class KillAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+sys.exit(guarded(lambda: run(load_recipe(sys.argv[1]), callbacks=[KillAt()]) and 0))
+"""
+
+
+@pytest.mark.slow  # a subprocess that imports the stack and is killed: about 20 s
+def test_a_killed_dpo_run_resumes_with_the_uninterrupted_losses(tiny_llama_dir, sft_run, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from finetune.recipe import load_recipe
+    from finetune.runner import run
+    from support import REPO
+
+    def recipe_file(folder):
+        folder.mkdir()
+        recipe = pref_recipe(tiny_llama_dir, folder, preference={"from_run": str(sft_run)},
+                             train={"max_steps": 8, "save_checkpoints": True, "save_steps": 2, "save_total_limit": 2})
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        return folder / "recipe.yaml"
+
+    def losses(folder):
+        history = json.loads((folder / "out" / "train_metrics.json").read_text())["log_history"]
+        return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+    run(load_recipe(recipe_file(tmp_path / "whole")))
+    killed = recipe_file(tmp_path / "killed")
+    (tmp_path / "driver.py").write_text(KILL_DRIVER)
+    done = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(killed), "5"], cwd=REPO, timeout=600,
+                          capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert (tmp_path / "killed" / "out" / "checkpoint-4").is_dir()
+    result = run(load_recipe(killed))
+    assert result.trainer.state.global_step == 8
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "killed")
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-4, abs=1e-6), step
