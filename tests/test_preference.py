@@ -450,3 +450,38 @@ def test_a_killed_dpo_run_resumes_with_the_uninterrupted_losses(tiny_llama_dir, 
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(whole[step], rel=1e-4, abs=1e-6), step
+
+
+# --------------------------------------------------------------------------------------------
+# finetune eval of a preference run
+# --------------------------------------------------------------------------------------------
+
+
+def test_eval_compares_base_reference_and_tuned_on_held_out_pairs(tiny_llama_dir, sft_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.evaluation.preference import pair_scores
+    from finetune.evaluation.side_by_side import EvalOptions, evaluate_run, held_out_pairs
+    from finetune.evaluation.source import resolve_source
+    from finetune.models.adapters import load_adapter
+    from finetune.models.loading import load_tokenizer
+    from finetune.runner import run
+
+    held = write_jsonl(tmp_path / "held.jsonl", capital_pairs(8, seed=5))
+    recipe = validate_recipe(pref_recipe(tiny_llama_dir, tmp_path, rows=capital_pairs(24), data={"eval": str(held)},
+                                         preference={"from_run": str(sft_run), "beta": 0.5},
+                                         train={"max_steps": 12, "eval_steps": 12}))
+    run(recipe)
+    evaluation, out = evaluate_run(tmp_path / "out", EvalOptions(tasks=[], max_new_tokens=4))
+    assert evaluation.variants == ["base", "start", "adapter", "merged"]
+    metrics = evaluation.metrics
+    assert metrics["start"]["pairs/mean_margin"] == 0.0 and metrics["start"]["pairs/reward_accuracy"] == 0.0
+    assert metrics["adapter"]["pairs/reward_accuracy"] > 0.5 and metrics["adapter"]["pairs/mean_margin"] > 0
+    assert metrics["merged"]["pairs/mean_margin"] == pytest.approx(metrics["adapter"]["pairs/mean_margin"], abs=1e-3)
+    assert "held_out/loss" in metrics["start"] and len(evaluation.predictions) == 8
+    # The start variant (the reference) is the SFT run's model.
+    source = resolve_source(tmp_path / "out")
+    tokens, _, _ = held_out_pairs(source, None, load_tokenizer(recipe, str(tiny_llama_dir)), None)
+    sft = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), sft_run).eval()
+    assert metrics["start"]["pairs/likelihood_accuracy"] == pair_scores(sft, tokens).likelihood_accuracy
+    assert "| pairs/reward_accuracy |" in (out / "report.md").read_text()

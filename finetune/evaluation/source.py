@@ -82,8 +82,8 @@ def resolve_source(target: str | Path, merged: str | Path | None = None) -> Eval
     if not (recipe_home / "recipe.yaml").is_file():
         raise FinetuneError(f"{recipe_home}: no recipe.yaml, so the base model and the data format are unknown.")
     recipe = load_recipe(recipe_home / "recipe.yaml")
-    if recipe.task not in ("sft", "classification"):
-        raise FinetuneError(f"{recipe_home}: `finetune eval` compares sft and classification runs; this is a {recipe.task} run.")
+    if recipe.task not in ("sft", "classification", "preference"):
+        raise FinetuneError(f"{recipe_home}: `finetune eval` compares sft, preference and classification runs; this is a {recipe.task} run.")
     has_adapter = run_dir is not None and (run_dir / "adapter_config.json").is_file()
     return EvalSource(recipe, run_dir, merged_dir, has_adapter)
 
