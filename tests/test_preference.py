@@ -207,14 +207,16 @@ def first_log(result) -> dict:
     return next(h for h in result.metrics["log_history"] if "loss" in h)
 
 
-@pytest.mark.parametrize("start", ["base", "sft"])
+@pytest.mark.parametrize("start", ["base", "sft", "sft-qlora"])
 def test_step_zero_loss_is_ln2_and_rewards_zero(tiny_llama_dir, sft_run, tmp_path, start):
     """At step 0 the policy is the reference, whatever it starts from: a wrong reference (the bare base after SFT)
-    shows as a loss away from ln 2 and non-zero rewards."""
+    shows as a loss away from ln 2 and non-zero rewards. The SFT run's LoRA also continues on a 4-bit base (QLoRA)."""
     from finetune.runner import run
 
-    preference = {"from_run": str(sft_run)} if start == "sft" else {}
-    result = run(validate_recipe(pref_recipe(tiny_llama_dir, tmp_path, preference=preference, train={"max_steps": 1})))
+    preference = {"from_run": str(sft_run)} if start != "base" else {}
+    adapter = {"type": "qlora"} if start == "sft-qlora" else {}
+    result = run(validate_recipe(pref_recipe(tiny_llama_dir, tmp_path, preference=preference, adapter=adapter,
+                                             train={"max_steps": 1})))
     first = first_log(result)
     assert first["loss"] == pytest.approx(LN2, abs=1e-4)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):

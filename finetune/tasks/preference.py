@@ -160,6 +160,7 @@ class PreferenceTask(Task):
             from finetune.tasks.sft import keep_trainable_fp32
 
             keep_trainable_fp32(trainer.model)
+            restore_from_reference(trainer.model)
         return trainer
 
     def plan_lines(self) -> list[tuple[str, str]]:
@@ -192,6 +193,20 @@ class PreferenceTask(Task):
         if ref.is_dir() and (ref / "adapter_config.json").is_file():
             shutil.rmtree(ref)
         return SFTTask.save_outputs(self, trainer, out, metrics)
+
+
+def restore_from_reference(model) -> None:
+    """The policy adapter set back to the frozen reference copy's values. TRL copies the adapter to `ref`, then casts
+    a quantized model's trainable weights to bf16; cast back to fp32, the policy would start a bf16 rounding away from
+    its reference (rewards of 1e-4 at step 0 instead of 0)."""
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            twin = name.replace(".default.", ".ref.")
+            if ".default." in name and twin in params:
+                param.copy_(params[twin])
 
 
 def preference_trainer_class(loss: str):
