@@ -45,6 +45,8 @@ def pref_recipe(model_dir, tmp, rows=None, **sections) -> dict:
                   "logging_steps": 1, "save_checkpoints": False, "num_threads": 1},
         "output": {"dir": str(tmp / "out")},
     }
+    if (sections.get("preference") or {}).get("from_run"):
+        recipe["adapter"] = {}  # the SFT run's LoRA continues with its own settings
     return _merge_sections(recipe, sections)
 
 
@@ -186,6 +188,11 @@ def test_from_run_must_be_a_run_of_the_same_base(tiny_llama_dir, llama64, sft_ru
 
     ok = validate_recipe(pref_recipe(tiny_llama_dir, tmp_path, preference={"from_run": str(sft_run)}))
     assert recipe_problems(ok, resolve_runtime(ok)) == []
+    ranked = validate_recipe(pref_recipe(tiny_llama_dir, tmp_path, preference={"from_run": str(sft_run)}, adapter={"r": 4}))
+    assert recipe_problems(ranked, resolve_runtime(ranked)) == [
+        f"adapter.r: with preference.from_run, the run's LoRA keeps training with its own settings (rank, alpha, "
+        f"targets; see {sft_run}/adapter_config.json); remove adapter.r."
+    ]
     other = validate_recipe(pref_recipe(llama64, tmp_path, preference={"from_run": str(sft_run)}))
     assert recipe_problems(other, resolve_runtime(other)) == [
         f"preference.from_run: {sft_run} was trained on {tiny_llama_dir}, but model.name_or_path is {llama64}: its "

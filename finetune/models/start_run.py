@@ -39,6 +39,12 @@ def start_run_problems(recipe: Recipe, key: str, folder: str) -> list[str]:
     config = json.loads((path / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA":
         problems.append(f"{key}: {folder} holds a {config.get('peft_type')} adapter; only a LoRA run can be continued.")
+    taken = sorted(recipe.adapter.model_fields_set - {"type"})
+    if taken:
+        problems.append(
+            f"adapter.{taken[0]}: with {key}, the run's LoRA keeps training with its own settings (rank, alpha, "
+            f"targets; see {folder}/{ADAPTER_CONFIG}); remove adapter.{', adapter.'.join(taken)}."
+        )
     if recipe.adapter.type == "none":
         problems.append(f"{key}: continuing {folder}'s LoRA needs adapter.type lora or qlora, not none.")
     return problems
