@@ -494,3 +494,11 @@ def test_eval_compares_base_reference_and_tuned_on_held_out_pairs(tiny_llama_dir
     sft = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), sft_run).eval()
     assert metrics["start"]["pairs/likelihood_accuracy"] == pair_scores(sft, tokens).likelihood_accuracy
     assert "| pairs/reward_accuracy |" in (out / "report.md").read_text()
+
+
+def test_packing_is_refused_by_the_schema(tmp_path):
+    from finetune.errors import RecipeError
+
+    with pytest.raises((RecipeError, ValueError), match=r"data.packing is for sft; preference scores each example as a "
+                                                         r"whole sequence. Remove it."):
+        validate_recipe(pref_recipe(tmp_path, tmp_path, data={"packing": True}))

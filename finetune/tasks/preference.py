@@ -79,8 +79,6 @@ class PreferenceTask(Task):
         from datasets import Dataset
 
         recipe = self.recipe
-        if recipe.data.packing:
-            raise DataError("data.packing is for sft: a preference pair is scored as whole sequences. Remove it.")
         train, train_tokens = read_preference_rows(recipe, recipe.data.train, tokenizer)
         held_tokens = None
         if recipe.data.eval:
