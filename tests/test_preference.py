@@ -385,12 +385,13 @@ def test_pairs_are_deterministic_for_a_seed_drop_ties_and_carry_provenance(sft_r
     assert pairs("c.jsonl", "--temperature", "1.0", "--seed", "4") != sampled
     first = sampled[0]
     assert first["prompt"] == chat("what is the capital of france") and first["chosen"] == "paris is the answer"
-    assert set(first["provenance"]) == {"model", "model_hash", "decoding", "max_new_tokens", "tie_chrf", "chrf"}
+    assert set(first["provenance"]) == {"model", "model_hash", "decoding", "max_new_tokens", "tie_chrf", "chrf", "finished"}
     assert first["provenance"]["decoding"] == {"temperature": 1.0, "top_p": 1.0, "seed": 3}
     assert first["provenance"]["model"] == str(sft_run) and len(first["provenance"]["model_hash"]) == 16
 
     greedy = pairs("greedy.jsonl")
     # References equal to the model's own greedy answers are ties: those rows are dropped and counted.
+    assert all(isinstance(r["provenance"]["finished"], bool) for r in greedy)
     tied = [{"messages": [*r["prompt"], {"role": "assistant", "content": r["rejected"]}]} for r in greedy[:2]]
     write_jsonl(data, [*tied, {"messages": [*chat("what is the capital of spain"), {"role": "assistant", "content": "madrid is the capital of spain"}]}])
     capsys.readouterr()

@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
     out.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in pairs.rows))
     print(f"Wrote {len(pairs.rows)} pairs to {out} (of {len(answers)} prompts; dropped {pairs.ties} near-ties with "
           f"chrF >= {args.tie_chrf} and {pairs.empty} empty answers). Answers by {name}, {decoding}.")
+    if pairs.unfinished:
+        print(f"{pairs.unfinished} answer(s) reached --max-new-tokens {args.max_new_tokens} before ending: kept, with "
+              "`finished: false` in their provenance (templated, a cut answer ends with an end-of-turn the model never wrote); raise "
+              "--max-new-tokens to let them end.")
     return 0
 
 

@@ -50,13 +50,16 @@ class Pairs:
     rows: list[dict] = field(default_factory=list)
     ties: int = 0
     empty: int = 0
+    unfinished: int = 0  # answers cut by max_new_tokens, kept and marked
 
 
-def build_pairs(prompts: list, references: list[str], answers: list[str], tie_chrf: float, provenance: dict) -> Pairs:
-    """One pair per prompt whose answer differs enough from the reference: chrF below `tie_chrf` (a near-copy of
-    the reference would teach nothing, or the wrong thing); an empty answer is dropped too."""
+def build_pairs(prompts: list, references: list[str], answers: list[dict], tie_chrf: float, provenance: dict) -> Pairs:
+    """One pair per prompt whose answer (`{answer, finished}`) differs enough from the reference: chrF below
+    `tie_chrf` (a near-copy of the reference would teach nothing, or the wrong thing); an empty answer is dropped too.
+    An answer cut by the token limit is kept, marked `finished: false` in its provenance."""
     out = Pairs()
-    for prompt, reference, answer in zip(prompts, references, answers):
+    for prompt, reference, generated in zip(prompts, references, answers):
+        answer = generated["answer"]
         if not answer.strip():
             out.empty += 1
             continue
@@ -64,6 +67,7 @@ def build_pairs(prompts: list, references: list[str], answers: list[str], tie_ch
         if score >= tie_chrf:
             out.ties += 1
             continue
+        out.unfinished += not generated["finished"]
         out.rows.append({"prompt": prompt, "chosen": reference, "rejected": answer,
-                         "provenance": {**provenance, "chrf": round(score, 2)}})
+                         "provenance": {**provenance, "chrf": round(score, 2), "finished": generated["finished"]}})
     return out

@@ -60,10 +60,11 @@ def sample_continuations(
 
 def answer_prompts(
     model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-) -> list[str]:
+) -> list[dict]:
     """The model's answer to each prompt (a conversation ending in a user turn, templated with the chat template and
     its generation prompt; or a text), greedy when `temperature` is 0, else sampled with `seed + index`, so an answer
-    depends on its prompt and the seed only, not on the prompts before it."""
+    depends on its prompt and the seed only, not on the prompts before it. Each: `{answer, finished}`, finished
+    False when `max_new_tokens` cut the answer before it ended."""
     import torch
 
     was_training = model.training
@@ -81,6 +82,10 @@ def answer_prompts(
         torch.manual_seed(seed + index)
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-        answers.append(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+        new = output[0, inputs["input_ids"].shape[1] :]
+        stops = model.generation_config.eos_token_id
+        stops = {stops} if isinstance(stops, int) else set(stops or ())
+        finished = len(new) < max_new_tokens or int(new[-1]) in stops
+        answers.append({"answer": tokenizer.decode(new, skip_special_tokens=True).strip(), "finished": finished})
     model.train(was_training)
     return answers
