@@ -503,3 +503,18 @@ def test_packing_is_refused_by_the_schema(tmp_path):
     with pytest.raises((RecipeError, ValueError), match=r"data.packing is for sft; preference scores each example as a "
                                                          r"whole sequence. Remove it."):
         validate_recipe(pref_recipe(tmp_path, tmp_path, data={"packing": True}))
+
+
+@pytest.mark.parametrize("loss, step_zero", [("ipo", (1 / (2 * 0.1)) ** 2), ("kto", 0.5), ("simpo", None), ("orpo", None)])
+def test_every_loss_trains_through_the_kit(tiny_llama_dir, tmp_path, loss, step_zero):
+    """IPO at step 0 is (1/(2 beta))^2 (the margin is 0, its target 1/(2 beta)); KTO's is 1 - sigmoid(0) = 0.5 (the
+    policy is the reference and the KL baseline is 0). SimPO and ORPO have no reference: their first loss is finite."""
+    from finetune.runner import run
+
+    result = run(validate_recipe(pref_recipe(tiny_llama_dir, tmp_path, preference={"loss": loss}, train={"max_steps": 3})))
+    logs = [h for h in result.metrics["log_history"] if "loss" in h]
+    assert len(logs) == 3 and all(math.isfinite(h["loss"]) for h in logs)
+    if step_zero is not None:
+        assert logs[0]["loss"] == pytest.approx(step_zero, abs=1e-4)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"} <= set(logs[0])
+    assert result.metrics["preference"]["loss"] == loss
