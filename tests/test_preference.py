@@ -232,6 +232,11 @@ def test_step_zero_loss_is_ln2_and_rewards_zero(tiny_llama_dir, sft_run, tmp_pat
     saved = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
     assert saved["log_history"][0]["rewards/margins"] == first["rewards/margins"]
     assert not (tmp_path / "out" / "ref").exists()  # the frozen reference copy is not part of the result
+    if start == "sft":  # the run is served like an SFT run: `finetune chat` loads its base and its adapter
+        from finetune.commands.chat import load_for_chat
+
+        model, _, recipe = load_for_chat(str(tmp_path / "out"))
+        assert recipe.task == "preference" and list(model.peft_config) == ["default"]
 
 
 def sequence_logp(model, prompt: list[int], answer: list[int]) -> torch.Tensor:

@@ -174,7 +174,8 @@ class PreferenceTask(Task):
             lines.append(("reference", f"the SFT run {p.from_run} (a frozen copy of its LoRA r={lora['r']}: one "
                                        "adapter's memory, no second model); the policy starts from it"))
         else:
-            lines.append(("reference", f"the base {self.recipe.model.label} (the new LoRA disabled: no second model)"))
+            lines.append(("reference", f"the base {self.recipe.model.label} (a frozen copy of the new LoRA, which starts at "
+                                       "zero: one adapter's memory, no second model)"))
         return lines
 
     def metrics_extra(self) -> dict:
