@@ -523,3 +523,31 @@ def test_every_loss_trains_through_the_kit(tiny_llama_dir, tmp_path, loss, step_
         assert logs[0]["loss"] == pytest.approx(step_zero, abs=1e-4)
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"} <= set(logs[0])
     assert result.metrics["preference"]["loss"] == loss
+
+
+@pytest.mark.slow  # two DeepSpeed processes: about a minute on CPUs
+def test_two_zero2_processes_give_the_one_process_losses(tiny_llama_dir, tmp_path):
+    """DPO under ZeRO-2 on 2 processes x 4 pairs equals 1 process x 8 pairs (16 pairs: whole batches only)."""
+    import os
+    import subprocess
+    import sys
+
+    from finetune.recipe import load_recipe
+    from finetune.runner import run
+    from support import REPO, free_port
+
+    pairs = write_jsonl(tmp_path / "pairs16.jsonl", capital_pairs(16))
+    common = ["task=preference", f"model.name_or_path={tiny_llama_dir}", f"data.train={pairs}", "train.max_steps=4",
+              "train.num_threads=1", "train.logging_steps=1"]
+    recipe = REPO / "recipes" / "tiny_zero2.yaml"
+    one = run(load_recipe(recipe, [*common, f"output.dir={tmp_path / 'one'}", "deepspeed=null", "train.micro_batch_size=8"]))
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "launch", str(recipe), *common, f"output.dir={tmp_path / 'two'}",
+         "--nproc-per-node", "2", "--main-port", str(free_port()), "--join-timeout", "120"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "train_metrics.json").read_text())["log_history"]
+    expected = [h["loss"] for h in one.metrics["log_history"] if "loss" in h]
+    assert [h["loss"] for h in two if "loss" in h] == pytest.approx(expected, rel=1e-4)
+    assert expected[0] == pytest.approx(LN2, abs=1e-4)
