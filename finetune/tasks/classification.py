@@ -124,30 +124,23 @@ def predictions_from_logits(logits, multi_label: bool):
     return (logits > 0).astype(int) if multi_label else logits.argmax(-1)
 
 
-REPORT_KEYS = {
-    "accuracy": ["accuracy"],
-    "confusion_matrix": [],  # not a number: in eval_metrics.json and confusion_matrix.png, not in the Trainer's logs
-    **{name: [f"{name}_{avg}" for avg in ("macro", "micro", "weighted")] for name in ("precision", "recall", "f1")},
-}
-
-
 class ClassificationMetrics:
-    """`compute_metrics` for the Trainer, built on the shipped offline metric modules.
+    """`compute_metrics` for the Trainer, on scikit-learn's scores (`finetune.metrics.classification_report`).
 
     Every evaluation computes the full report (per-class scores, confusion matrix) and keeps the latest in
     `last_report`; the Trainer gets only the numbers `eval.metrics` selects (all of the report's by default), since
-    it logs and compares floats. Names that are not shipped are loaded as `evaluate` modules up front, so a bad name
-    fails before the model is loaded.
+    it logs and compares floats. Other names are loaded as `evaluate` modules up front (a path, or a hub name
+    online), so a bad name fails before the model is loaded.
     """
 
     def __init__(self, labels: LabelMap, names: list[str]):
-        from finetune.metrics import SHIPPED, load_metric
+        from finetune.metrics import REPORT_METRICS, SHIPPED, load_metric
 
         self.labels = labels
-        names = names or [n for n in SHIPPED]
-        self.keys = [key for n in names if n in REPORT_KEYS for key in REPORT_KEYS[n]]
+        names = names or list(SHIPPED)
+        self.keys = [key for n in names if n in REPORT_METRICS for key in REPORT_METRICS[n]]
         config = "multilabel" if labels.multi_label else None
-        self.extra = {n: load_metric(n, config) for n in names if n not in SHIPPED}
+        self.extra = {n: load_metric(n, config) for n in names if n not in REPORT_METRICS}
         self.last_report: dict = {}
 
     def known_keys(self) -> list[str] | None:
