@@ -2,7 +2,7 @@
 backbone (`adapter: lora`), the head alone (`adapter: head`) or every weight (`adapter: none`), via the Trainer.
 
 Rows and images, checked (finetune/data/images.py) → model built, checkpoint loaded partially, head replaced
-(finetune/models/vision.py) → input size checked, backbone frozen as the mode says → adapter → train → save
+(finetune/models/vision/) → input size checked, backbone frozen as the mode says → adapter → train → save
 adapter (or model), `labels.json`, `preprocessing.json` → the classification report and confusion matrix. The
 metrics are the text classifier's (finetune/tasks/classification.py); `finetune predict --image` loads the run.
 """
