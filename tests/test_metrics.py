@@ -125,7 +125,7 @@ RECALL_SCRIPT = textwrap.dedent('''
 def test_every_offline_name_selects_numbers_of_the_report():
     """`eval.metrics: [f1]` works offline: each shipped name is served by the report, from one table."""
     from finetune.data.classification import LabelMap
-    from finetune.tasks.classification import ClassificationMetrics
+    from finetune.metrics.classification import ClassificationMetrics
 
     assert SHIPPED == ("accuracy", "f1", "precision", "recall", "confusion_matrix") and set(REPORT_METRICS) == set(SHIPPED)
     predictions, references, _ = _multiclass(0)
