@@ -130,7 +130,7 @@ def test_pretrain_golden(tmp_path):
 
 @pytest.mark.skipif(PIN, reason="pin mode prints the numbers")
 def test_every_task_has_golden_numbers():
-    from finetune.tasks.registry import TASKS
+    from finetune.registry import TASKS
 
     missing = set(TASKS) - {name.removesuffix("_packed") for name in GOLDEN}
     assert not missing, f"tasks without golden numbers: {sorted(missing)}; add a run to tests/test_golden.py"
