@@ -5,11 +5,11 @@ the failure names what moved. The runs go through the kit's own runner, fp32 on 
 
 Re-pinning, when a change is intended: run
 
-    python scripts/pin_golden.py
+    python scripts/pin_golden.py           # prints the numbers measured now
+    python scripts/pin_golden.py --write   # and writes them over the pinned block below
 
 (it runs this file with FINETUNE_PIN_GOLDEN=1, in which each test prints its measured numbers instead of comparing
-them), paste the printed `GOLDEN[...]` lines over the ones below, and say in the commit message what changed them
-and why. Numbers pinned with torch 2.13.0 (CPU), transformers 5.25.0, trl 1.16, peft 0.21 (constraints.txt).
+them), and say in the commit message what changed them and why. Numbers pinned with torch 2.13.0 (CPU), transformers 5.25.0, trl 1.16, peft 0.21 (constraints.txt).
 """
 
 from __future__ import annotations
