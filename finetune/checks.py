@@ -5,10 +5,9 @@ packages, DeepSpeed, the data sources and the model's config (read without its w
 
 from __future__ import annotations
 
-import importlib.util
-
 from finetune.errors import FinetuneError, RecipeError
 from finetune.recipe import Recipe
+from finetune.requirements import package_problems
 from finetune.runtime import Runtime
 
 
@@ -19,11 +18,12 @@ def recipe_problems(recipe: Recipe, runtime: Runtime, data: bool = True) -> list
     not on this machine); the model's config is checked whenever it can be read here.
     """
     problems = list(runtime.problems)
-    problems += _package_problems(recipe)
+    problems += package_problems(recipe)  # every value naming a package (finetune/requirements.py)
     problems += _quantization_problems(recipe, runtime)
     if recipe.deepspeed:
         problems += _deepspeed_problems(recipe, runtime)
     problems += model_config_problems(recipe)
+    problems += _module_name_problems(recipe)
     if data:
         problems += _model_problems(recipe)
         problems += _data_source_problems(recipe)
@@ -52,15 +52,13 @@ def check_recipe(recipe: Recipe, runtime: Runtime, source: str | None = None, da
         raise RecipeError(problems, source=source)
 
 
-def _package_problems(recipe: Recipe) -> list[str]:
-    q = recipe.quantization
-    if q.bits is not None or recipe.train.optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
-        if importlib.util.find_spec("bitsandbytes") is None:  # whether installed; importing it is slow and noisy
-            return [
-                "quantization / 8-bit optimizers need bitsandbytes: pip install 'finetune-kit[quant]' "
-                "(or remove quantization.bits and use train.optimizer: adamw_torch)."
-            ]
-    return []
+def _module_name_problems(recipe: Recipe) -> list[str]:
+    """The modules the recipe names (adapter targets, modules to save, skipped modules, an image head), checked
+    against the model's own module names, built without weights (finetune/models/targets.py)."""
+    from finetune.models.targets import recipe_module_problems
+
+    model = {"classification": "classifier", "image_classification": "images"}.get(recipe.task, "causal_lm")
+    return recipe_module_problems(recipe, model)
 
 
 def _quantization_problems(recipe: Recipe, runtime: Runtime) -> list[str]:

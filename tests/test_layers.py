@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "finetune"
 LAYERS = [
     ["finetune.dtypes", "finetune.errors", "finetune.notices", "finetune.tasks.registry", "finetune.tiny"],
     ["finetune.paths", "finetune.recipe"],
-    ["finetune.runtime"],
+    ["finetune.runtime", "finetune.requirements"],
     ["finetune.models", "finetune.data", "finetune.metrics", "finetune.distributed.guards", "finetune.distributed.zero"],
     ["finetune.checks", "finetune.training", "finetune.merge"],
     ["finetune.tasks", "finetune.evaluation", "finetune.distributed.launch"],
