@@ -147,7 +147,26 @@ def model_config_problems(recipe: Recipe) -> list[str]:
             f"data.max_length: {recipe.data.max_length} is longer than the model reads ({context[0]} is {context[1]} "
             f"in {source}); use at most {context[1]}."
         )
-    return problems
+    problem = _new_tokens_problem("eval.max_new_tokens", recipe.eval.max_new_tokens, context, source)
+    return problems + ([problem] if problem else [])
+
+
+def new_tokens_problem(recipe: Recipe, max_new_tokens: int, key: str) -> str | None:
+    """`finetune chat` / `finetune eval`'s `--max-new-tokens` against the model's context, before the model loads."""
+    from finetune.models.checkpoint import model_config
+
+    found = model_config(recipe.model)
+    context = _config_value(found[0], _CONTEXT_KEYS) if found else None
+    return _new_tokens_problem(key, max_new_tokens, context, found[1] if found else "")
+
+
+def _new_tokens_problem(key: str, new: int, context: tuple[str, int] | None, source: str) -> str | None:
+    if not context or new < context[1]:
+        return None
+    return (
+        f"{key}: {new} new tokens do not fit the model's context ({context[0]} is {context[1]} in {source}), which "
+        f"holds the prompt and the answer together; use fewer than {context[1]} (answers rarely need more than 512)."
+    )
 
 
 def head_problems(recipe: Recipe, labels: list[str]) -> list[str]:

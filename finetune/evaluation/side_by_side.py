@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.checks import new_tokens_problem
 from finetune.errors import DataError, FinetuneError
 from finetune.evaluation.source import EvalSource, resolve_source
 from finetune.evaluation.variants import choose_variants, load_variants
@@ -71,7 +72,11 @@ def evaluate_run(target: str | Path, options: EvalOptions | None = None) -> tupl
     runtime = resolve_runtime(recipe)
     apply_threads(runtime)
 
-    # Everything that can fail without a model fails here: the data rows and the task names.
+    # Everything that can fail without a model fails here: the data rows, the task names, the generation length.
+    if options.max_new_tokens is not None:
+        problem = new_tokens_problem(recipe, options.max_new_tokens, "--max-new-tokens")
+        if problem:
+            raise FinetuneError(problem)
     tokenizer = _tokenizer(source)
     rows, data_name = held_out_rows(source, options.data, tokenizer, limit)
     evaluation = Evaluation(source, names, data_name, notes=notes)

@@ -216,14 +216,15 @@ def _package_version(name: str) -> str:
 def language_model_modules(recipe: Recipe, classifier: bool) -> ModelModules | None:
     """The modules of the recipe's language model (a causal LM, or a sequence classifier when `classifier`), or None
     when its config cannot be read here (a hub id not in the local cache) or transformers cannot build it."""
-    config = _language_config(recipe)
-    if config is None:
+    found = _language_config(recipe)
+    if found is None:
         return None
-    key = json.dumps([_CACHE_VERSION, config, classifier, _package_version("transformers")], sort_keys=True, default=str)
+    identity, read_config = found
+    key = json.dumps([_CACHE_VERSION, identity, classifier, _package_version("transformers")], sort_keys=True, default=str)
     path = cache_dir() / "modules" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     cached = _read_cache(path)
     if cached is None:
-        cached = _build_language_model(recipe, config, classifier)
+        cached = _build_language_model(recipe, read_config(), classifier)
         if cached is None:
             return None
         _write_cache(path, cached)
@@ -231,8 +232,9 @@ def language_model_modules(recipe: Recipe, classifier: bool) -> ModelModules | N
     return ModelModules(model_label(recipe), modules, heads)
 
 
-def _language_config(recipe: Recipe) -> dict | None:
-    """The config.json transformers would build the model from, as a dict."""
+def _language_config(recipe: Recipe):
+    """What identifies the model's architecture (the config.json as a dict; a GGUF not converted yet: the file), and
+    how to read the config transformers would build it from. None when neither can be read here."""
     from finetune.models.checkpoint import local_name, model_config
     from finetune.models.gguf import converted_folder, gguf_metadata
 
@@ -241,18 +243,23 @@ def _language_config(recipe: Recipe) -> dict | None:
         try:
             source = Path(local_name(m)).expanduser() / m.gguf_file
             if not (converted_folder(source) / "config.json").is_file():
-                return _gguf_as_config(gguf_metadata(source))
-        except (FinetuneError, OSError, ValueError):
+                # The file's identity, as its conversion is keyed: mapping its header needs transformers' tables.
+                return converted_folder(source).name, lambda: _gguf_as_config(lambda: gguf_metadata(source))
+        except (FinetuneError, OSError):
             return None
     found = model_config(m)
-    return found[0] if found else None
+    return (found[0], lambda: found[0]) if found else None
 
 
-def _gguf_as_config(metadata: dict) -> dict:
+def _gguf_as_config(read_metadata) -> dict | None:
     """A GGUF's metadata as the config transformers derives from it (`GGUF_CONFIG_MAPPING`), enough to build the
-    architecture: its type, sizes and layer count."""
+    architecture: its type, sizes and layer count. None for a file that is not GGUF."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
+    try:
+        metadata = read_metadata()
+    except (OSError, ValueError):
+        return None
     arch = str(metadata.get("general.architecture"))
     model_type = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss"}.get(arch, arch)
     config: dict = {"model_type": model_type}
@@ -263,13 +270,15 @@ def _gguf_as_config(metadata: dict) -> dict:
     return config
 
 
-def _build_language_model(recipe: Recipe, config_dict: dict, classifier: bool):
+def _build_language_model(recipe: Recipe, config_dict: dict | None, classifier: bool):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from finetune.models.loading import quiet_transformers
 
+    if config_dict is None:
+        return None
     model_type = config_dict.get("model_type")
     trust = recipe.model.trust_remote_code
     try:
