@@ -26,6 +26,7 @@ def recipe_problems(recipe: Recipe, runtime: Runtime, data: bool = True) -> list
     problems += _module_name_problems(recipe)
     if data:
         problems += _model_problems(recipe)
+        problems += _named_file_problems(recipe)
         problems += _data_source_problems(recipe)
         if recipe.task == "pretrain":
             problems += _pretrain_problems(recipe)
@@ -59,6 +60,19 @@ def _module_name_problems(recipe: Recipe) -> list[str]:
 
     model = {"classification": "classifier", "image_classification": "images"}.get(recipe.task, "causal_lm")
     return recipe_module_problems(recipe, model)
+
+
+def _named_file_problems(recipe: Recipe) -> list[str]:
+    """A chat template (a built-in name or a file), a new model's tokenizer folder and metric scripts, resolved now."""
+    from finetune.models.checkpoint import tokenizer_problem
+    from finetune.models.templates import chat_template_problem
+
+    problems = [p for p in (chat_template_problem(recipe.model.chat_template), tokenizer_problem(recipe.model)) if p]
+    if recipe.eval.metrics:
+        from finetune.metrics import metric_problems  # numpy: only when there are metrics to check
+
+        problems += metric_problems(recipe.eval.metrics)
+    return problems
 
 
 def _quantization_problems(recipe: Recipe, runtime: Runtime) -> list[str]:

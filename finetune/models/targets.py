@@ -142,6 +142,8 @@ def _linear_list(found: ModelModules) -> str:
 
 
 def _did_you_mean(entry: str, found: ModelModules) -> str:
+    if is_pattern(entry):
+        return ""
     leaves = list(dict.fromkeys(m.leaf_name for m in found.modules if m.lora or not m.block))
     close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -198,12 +200,13 @@ def _unmatched(key: str, entries: list[str], found: ModelModules, matches) -> li
 
 
 def model_label(recipe: Recipe) -> str:
-    """The model's name in messages: the GGUF file without its quantization suffix, the folder's name, the hub id."""
+    """The model's name in messages: the GGUF file without its quantization suffix, a folder's name, a hub id or a
+    `package://` path as written."""
     m = recipe.model
     if m.gguf_file:
         return Path(m.gguf_file).name.split(".")[0]
     name = m.name_or_path.rstrip("/")
-    return Path(name).name if Path(name).expanduser().exists() or "://" in name else name
+    return Path(name).name if "://" not in name and Path(name).expanduser().exists() else name
 
 
 def _package_version(name: str) -> str:
