@@ -228,9 +228,26 @@ def test_the_schema_refuses_patterns_it_cannot_hand_to_peft(tiny_llama_dir, tmp_
 
 def test_the_module_cache_is_written_whole(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
-    assert problems(sft_recipe(tiny_llama_dir, tmp_path, adapter={"target_modules": ["q_proj"]})) == []
+    assert len(problems(sft_recipe(tiny_llama_dir, tmp_path, adapter={"target_modules": ["q_proj", "nope"]}))) == 1
     [cached] = (tmp_path / "cache" / "modules").glob("*.json")
     data = json.loads(cached.read_text())
     assert data["heads"] == ["lm_head"]
     assert ["model.layers.0.self_attn.q_proj", "Linear", True, True, False] in data["modules"]
     assert not list((tmp_path / "cache" / "modules").glob("*.tmp"))
+
+
+def test_names_the_checkpoint_shows_need_no_torch(tiny_llama_dir, tmp_path, monkeypatch):
+    """Named targets that the safetensors header shows as weight matrices are confirmed from the header alone; the
+    model is built (and its modules cached) only when the header does not settle it."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    recipe = sft_recipe(tiny_llama_dir, tmp_path, adapter={"target_modules": ["q_proj", "self_attn.v_proj"],
+                                                           "modules_to_save": ["lm_head"]})  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    code = (
+        "import sys; from finetune.recipe import load_recipe; from finetune.checks import _module_name_problems;"
+        f"print(_module_name_problems(load_recipe({str(tmp_path / 'recipe.yaml')!r})));"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.splitlines() == ["[]", "[]"]
+    assert not (tmp_path / "cache" / "modules").exists()

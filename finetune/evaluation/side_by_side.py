@@ -103,10 +103,13 @@ def evaluate_run(target: str | Path, options: EvalOptions | None = None) -> tupl
 
 
 def check_eval_settings(recipe) -> None:
-    """For `eval.after_training`: what would stop the evaluation, found before training instead of after it."""
+    """The lm_eval tasks `eval.tasks` names, and for `eval.after_training` what would stop the evaluation: found by
+    `finetune validate` and before training instead of after it."""
+    source = EvalSource(recipe, run_dir=None, merged_dir=None, has_adapter=recipe.adapter.type != "none")
+    if recipe.eval.tasks:
+        _tasks(source, recipe.eval.tasks)
     if not recipe.eval.after_training:
         return
-    source = EvalSource(recipe, run_dir=None, merged_dir=None, has_adapter=recipe.adapter.type != "none")
     if recipe.eval.variants and "merged" in recipe.eval.variants and recipe.is_quantized:
         raise FinetuneError(
             "eval.variants: merged, with eval.after_training, on a quantized base: the merged model needs "

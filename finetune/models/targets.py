@@ -111,10 +111,90 @@ def recipe_module_problems(recipe: Recipe, model: str) -> list[str]:
         return []
     if model == "images":
         return _image_problems(recipe)
-    if a.type not in ("lora", "qlora") and recipe.quantization.bits is None:
+    named = _named_entries(recipe)
+    if not any(named.values()):  # all-linear alone names no module: nothing to look up
         return []
-    found = language_model_modules(recipe, classifier=model == "classifier")
+    cached = language_model_modules(recipe, classifier=model == "classifier", build=False)
+    if cached is None and _checkpoint_shows(recipe, named):
+        return []  # the checkpoint's tensor names show every entry, so the check needs neither torch nor a build
+    found = cached or language_model_modules(recipe, classifier=model == "classifier")
     return module_name_problems(recipe, found) if found else []
+
+
+def _named_entries(recipe: Recipe) -> dict[str, list[str]]:
+    """The entries that name modules, by key; `all-linear` names none."""
+    a, q = recipe.adapter, recipe.quantization
+    lora = a.type in ("lora", "qlora")
+    return {
+        "adapter.target_modules": [t for t in a.target_modules if t != ALL_LINEAR] if lora else [],
+        "adapter.modules_to_save": list(a.modules_to_save or []) if lora else [],
+        "quantization.skip_modules": list(q.skip_modules or []) if q.bits is not None else [],
+    }
+
+
+# Configs of mixture-of-experts models: transformers 5 fuses their experts' checkpoint tensors into one parameter on
+# load, so the checkpoint's names are not the model's modules there.
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+def _checkpoint_shows(recipe: Recipe, named: dict[str, list[str]]) -> bool:
+    """Whether the local checkpoint's tensor names (its safetensors headers, read without the weights) show that
+    every named entry exists: each target a weight matrix, each other entry some module. Only a yes is trusted; a
+    no (or no checkpoint here) leaves the answer to the model built on the meta device, which also words the message."""
+    from finetune.models.checkpoint import model_config
+
+    found = model_config(recipe.model)
+    if found is None or any(k in found[0] or k in (found[0].get("text_config") or {}) for k in _EXPERT_KEYS):
+        return False
+    if any(is_pattern(e) for entries in named.values() for e in entries):
+        return False  # a pattern matches whole names, and a checkpoint's prefixes may differ from the model's
+    shapes = checkpoint_shapes(recipe)
+    if not shapes:
+        return False
+    matrices = {name.rsplit(".", 1)[0] for name, shape in shapes.items() if name.endswith(".weight") and len(shape) >= 2}
+    parents = {name.rsplit(".", 1)[0] for name in shapes} | {p for n in shapes for p in _prefixes(n)}
+    blocks = {p for p in parents if any(m.startswith(p + ".") for m in matrices)}
+    for entry in named["adapter.target_modules"]:
+        matched = [m for m in parents if target_matches(entry, m)]
+        if not matched or any(m not in matrices or m in blocks for m in matched):
+            return False
+    checks = (("adapter.modules_to_save", saved_matches), ("quantization.skip_modules", skip_matches))
+    return all(any(match(e, m) for m in parents) for key, match in checks for e in named[key])
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) - 1)]
+
+
+def checkpoint_shapes(recipe: Recipe) -> dict[str, list[int]]:
+    """Tensor name -> shape of the recipe's local safetensors checkpoint (a folder, or a GGUF's converted folder),
+    from the files' headers alone; empty when there is none here."""
+    import struct
+
+    from finetune.models.checkpoint import local_name
+    from finetune.models.gguf import converted_folder
+
+    m = recipe.model
+    try:
+        folder = Path(local_name(m)).expanduser()
+        if m.gguf_file:
+            folder = converted_folder(folder / m.gguf_file)
+        elif m.weights_file:
+            return {}
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        shapes: dict[str, list[int]] = {}
+        for file in files:
+            with open(folder / file, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                if size > 100_000_000:
+                    return {}
+                header = json.loads(fh.read(size))
+            shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+        return shapes
+    except (FinetuneError, OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return {}
 
 
 def _image_problems(recipe: Recipe) -> list[str]:
@@ -216,9 +296,10 @@ def _package_version(name: str) -> str:
         return "none"
 
 
-def language_model_modules(recipe: Recipe, classifier: bool) -> ModelModules | None:
+def language_model_modules(recipe: Recipe, classifier: bool, build: bool = True) -> ModelModules | None:
     """The modules of the recipe's language model (a causal LM, or a sequence classifier when `classifier`), or None
-    when its config cannot be read here (a hub id not in the local cache) or transformers cannot build it."""
+    when its config cannot be read here (a hub id not in the local cache) or transformers cannot build it (or,
+    with `build=False`, when they are not cached yet)."""
     found = _language_config(recipe)
     if found is None:
         return None
@@ -227,6 +308,8 @@ def language_model_modules(recipe: Recipe, classifier: bool) -> ModelModules | N
     path = cache_dir() / "modules" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     cached = _read_cache(path)
     if cached is None:
+        if not build:
+            return None
         cached = _build_language_model(recipe, read_config(), classifier)
         if cached is None:
             return None
