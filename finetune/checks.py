@@ -161,7 +161,9 @@ def model_config_problems(recipe: Recipe) -> list[str]:
             f"data.max_length: {recipe.data.max_length} is longer than the model reads ({context[0]} is {context[1]} "
             f"in {source}); use at most {context[1]}."
         )
-    problem = _new_tokens_problem("eval.max_new_tokens", recipe.eval.max_new_tokens, context, source)
+    # Generation lengths too: a value the recipe sets, or the default when eval.prompts will use it.
+    generation = "max_new_tokens" in recipe.eval.model_fields_set or recipe.eval.prompts
+    problem = _new_tokens_problem("eval.max_new_tokens", recipe.eval.max_new_tokens, context, source) if generation else None
     return problems + ([problem] if problem else [])
 
 
