@@ -37,7 +37,7 @@ def _tracker(name: str) -> Callable[[Recipe], str | None]:
 
 REQUIREMENTS = (
     Requirement("quantization.bits", ("bitsandbytes",), "pip install 'finetune-kit[quant]'",
-                "or remove quantization.bits and adapter.type: qlora",
+                "or load the model unquantized: no quantization.bits, adapter.type lora instead of qlora",
                 lambda r: str(r.quantization.bits) if r.quantization.bits is not None else None),
     Requirement("train.optimizer", ("bitsandbytes",), "pip install 'finetune-kit[quant]'", "or use adamw_torch",
                 lambda r: r.train.optimizer if r.train.optimizer in BNB_OPTIMIZERS else None),
