@@ -94,6 +94,18 @@ def test_max_new_tokens_must_fit_the_context(unreadable_llama, tmp_path):
     assert cli("validate", tmp_path, sft_recipe(unreadable_llama, tmp_path), "eval.max_new_tokens=255").returncode == 0
 
 
+def test_chat_and_eval_max_new_tokens_are_checked_before_the_model_loads(tiny_llama_dir, tmp_path):
+    from finetune.checks import new_tokens_problem
+
+    recipe = validate_recipe(sft_recipe(tiny_llama_dir, tmp_path))
+    assert new_tokens_problem(recipe, 255, "--max-new-tokens") is None
+    assert new_tokens_problem(recipe, 300, "--max-new-tokens") == (
+        f"--max-new-tokens: 300 new tokens do not fit the model's context (max_position_embeddings is 256 in "
+        f"{tiny_llama_dir}/config.json), which holds the prompt and the answer together; use fewer than 256 "
+        "(answers rarely need more than 512)."
+    )
+
+
 def test_regex_and_all_linear_pass_and_match_what_peft_adapts(tiny_llama_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

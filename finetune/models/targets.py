@@ -208,6 +208,9 @@ def _image_problems(recipe: Recipe) -> list[str]:
         return []
     try:
         heads = find_heads(built, 2, recipe.image.head)
+    except FinetuneError as exc:  # a head found by its label count is only known with the real labels
+        return [str(exc)] if recipe.image.head else []
+    try:
         if recipe.adapter.type == "lora":
             lora_targets(built.model, recipe, heads)
     except FinetuneError as exc:
@@ -361,6 +364,7 @@ def _build_language_model(recipe: Recipe, config_dict: dict | None, classifier: 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from finetune.models.checkpoint import local_name
     from finetune.models.loading import quiet_transformers
 
     if config_dict is None:
@@ -371,8 +375,8 @@ def _build_language_model(recipe: Recipe, config_dict: dict | None, classifier: 
         with quiet_transformers():
             if model_type in CONFIG_MAPPING:
                 config = CONFIG_MAPPING[model_type].from_dict(dict(config_dict))
-            elif trust and Path(str(recipe.model.name_or_path)).expanduser().is_dir():
-                config = AutoConfig.from_pretrained(recipe.model.name_or_path, trust_remote_code=True, local_files_only=True)
+            elif trust and Path(local_name(recipe.model)).expanduser().is_dir():
+                config = AutoConfig.from_pretrained(local_name(recipe.model), trust_remote_code=True, local_files_only=True)
             else:
                 return None
             if classifier:
@@ -381,7 +385,8 @@ def _build_language_model(recipe: Recipe, config_dict: dict | None, classifier: 
             with torch.device("meta"):  # no memory and no initialisation: only the modules' names and types
                 model = auto.from_config(config, trust_remote_code=trust)
     except Exception as exc:  # an architecture this transformers cannot build: loading reports it
-        log.debug("Module names of %s not checked: %s", recipe.model.name_or_path, exc)
+        log.info("Module names of %s not checked (%s: %s); loading will report it.", recipe.model.name_or_path,
+                 type(exc).__name__, exc)
         return None
     return describe_modules(model, _head_names(model, classifier))
 
