@@ -1,11 +1,13 @@
-"""The modules a recipe names (`adapter.target_modules`, `adapter.modules_to_save`, `quantization.skip_modules`),
-resolved against the model's own module names before any weights load.
+"""The modules a recipe names (`adapter.target_modules`, `adapter.modules_to_save`, `quantization.skip_modules`,
+an image model's `image.head`), resolved against the model's own module names before any weights load.
 
-The model is built from its config on the meta device (no memory, no weights): a folder's or the hub cache's
-config.json, a converted GGUF's, or a GGUF's header mapped to a config as transformers maps it. Its module names and
-types are cached by the config's content, so a later check reads one small JSON file and imports neither torch nor
-transformers. Entries match the way PEFT and transformers match them: a name or a `.`-suffix, a regular expression
-matched against whole names, `all-linear`.
+Names a local checkpoint's safetensors headers show (each target a weight matrix) are confirmed from the headers
+alone. Otherwise the model is built from its config on the meta device (no memory, no weights): a folder's or the hub
+cache's config.json, a converted GGUF's, or a GGUF's header mapped to a config as transformers maps it; an image
+model by `models/vision.py`, whose own rules pick its LoRA targets. A language model's module names and types are
+cached by its config, so a later check reads one small JSON file and imports neither torch nor transformers.
+Entries match the way PEFT and transformers match them: a name or a `.`-suffix, one regular expression matched
+against whole names, `all-linear`.
 """
 
 from __future__ import annotations
@@ -106,7 +108,6 @@ def module_name_problems(recipe: Recipe, found: ModelModules) -> list[str]:
 def recipe_module_problems(recipe: Recipe, model: str) -> list[str]:
     """Every module the recipe names, checked against the model's own names. `model` is what the task builds:
     `causal_lm`, `classifier` (a sequence classifier) or `images` (an image classifier)."""
-    a = recipe.adapter
     if recipe.model.name_or_path is None:  # a new model (model.config): nothing to name yet
         return []
     if model == "images":
@@ -153,7 +154,7 @@ def _checkpoint_shows(recipe: Recipe, named: dict[str, list[str]]) -> bool:
         return False
     matrices = {name.rsplit(".", 1)[0] for name, shape in shapes.items() if name.endswith(".weight") and len(shape) >= 2}
     parents = {name.rsplit(".", 1)[0] for name in shapes} | {p for n in shapes for p in _prefixes(n)}
-    blocks = {p for p in parents if any(m.startswith(p + ".") for m in matrices)}
+    blocks = {p for m in matrices for p in _prefixes(m + ".weight")}  # modules that hold other modules
     for entry in named["adapter.target_modules"]:
         matched = [m for m in parents if target_matches(entry, m)]
         if not matched or any(m not in matrices or m in blocks for m in matched):
@@ -163,6 +164,7 @@ def _checkpoint_shows(recipe: Recipe, named: dict[str, list[str]]) -> bool:
 
 
 def _prefixes(name: str) -> list[str]:
+    """The modules above a tensor's own module: `a.b.c.weight` -> `a`, `a.b`."""
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(1, len(parts) - 1)]
 
