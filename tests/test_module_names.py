@@ -122,6 +122,13 @@ def test_regex_and_all_linear_pass_and_match_what_peft_adapts(tiny_llama_dir, tm
         "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]  # fmt: skip
     result = cli("validate", tmp_path, sft_recipe(tiny_llama_dir, tmp_path), f"adapter.target_modules={pattern}")
     assert result.returncode == 0, result.stderr
+    # The recipe hands PEFT the pattern as a string (its regex form), names as a list.
+    from finetune.models.adapters import build_lora_config
+
+    def targets(value):
+        return build_lora_config(validate_recipe(sft_recipe(tiny_llama_dir, tmp_path, adapter={"target_modules": value})), "CAUSAL_LM").target_modules
+
+    assert targets(pattern) == pattern and targets("all-linear") == "all-linear" and targets(["q_proj"]) == {"q_proj"}
 
 
 def test_non_layers_are_refused_with_the_reason(tiny_llama_dir, tmp_path):
