@@ -14,7 +14,7 @@ The names callers use are imported here, so `from finetune.models.vision import 
 """
 
 from finetune.models.vision.architecture_file import ARCHITECTURE_FILE, architecture_record, build_plain_from_record
-from finetune.models.vision.building import BuiltModel, build_image_model, label_kwargs, plain_classifier
+from finetune.models.vision.building import BuiltModel, build_empty_model, build_image_model, label_kwargs, plain_classifier
 from finetune.models.vision.heads import check_input_size, find_heads, freeze_backbone, freeze_norm_statistics, head_inputs, in_heads
 from finetune.models.vision.lora import lora_targets, plain_convolutions, prepare_for_saved_adapter
 from finetune.models.vision.partial_loading import LoadReport, load_partial
@@ -23,7 +23,7 @@ from finetune.models.vision.source import VisionSource, checkpoint_path, read_st
 
 __all__ = [
     "ARCHITECTURE_FILE", "IMAGENET_MEAN", "IMAGENET_STD", "BuiltModel", "LoadReport", "VisionSource",
-    "architecture_record", "build_image_model", "build_plain_from_record", "check_input_size", "checkpoint_path",
+    "architecture_record", "build_empty_model", "build_image_model", "build_plain_from_record", "check_input_size", "checkpoint_path",
     "checkpoint_preprocessing", "find_heads", "freeze_backbone", "freeze_norm_statistics", "head_inputs", "in_heads",
     "label_kwargs", "load_partial", "lora_targets", "plain_classifier", "plain_convolutions",
     "prepare_for_saved_adapter", "read_state_dict", "vision_problems", "vision_source",

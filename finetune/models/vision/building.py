@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import FinetuneError
-from finetune.models.checkpoint import local_name
+from finetune.models.checkpoint import local_name, model_config
 from finetune.models.vision.partial_loading import LoadReport, load_partial, mismatch_error
 from finetune.models.vision.source import VisionSource, checkpoint_path, read_state_dict, vision_source
 from finetune.recipe import Recipe
 
+log = logging.getLogger("finetune")
 
 def plain_classifier(module):
     """`module` (a timm or package-built classifier) wrapped for the Trainer and PEFT."""
@@ -102,6 +104,30 @@ def build_image_model(recipe: Recipe, labels, dtype=None, trust_remote_code: boo
     if dtype is not None:
         model = model.to(dtype)
     return BuiltModel(model, source, report, folder)
+
+
+def build_empty_model(recipe: Recipe, num_classes: int = 2) -> BuiltModel | None:
+    """The recipe's architecture with a `num_classes` head on the meta device (no weights, no memory), to check the
+    module names a recipe gives before anything loads; None when it cannot be built here (loading reports why)."""
+    import torch
+
+    source = vision_source(recipe)
+    try:
+        with torch.device("meta"):
+            if not source.is_hf:
+                return BuiltModel(plain_classifier(build_plain(source, dict(recipe.image.architecture_args), num_classes)), source, None, None)
+            from transformers import AutoModelForImageClassification
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            found = model_config(recipe.model)
+            if found is None or found[0].get("model_type") not in CONFIG_MAPPING:
+                return None
+            config = CONFIG_MAPPING[found[0]["model_type"]].from_dict(dict(found[0]))
+            config.num_labels = num_classes
+            return BuiltModel(AutoModelForImageClassification.from_config(config), source, None, None)
+    except Exception as exc:  # a builder that needs real tensors, an architecture transformers cannot build here
+        log.debug("Image model not built on the meta device: %s", exc)
+        return None
 
 
 def label_kwargs(labels) -> dict:

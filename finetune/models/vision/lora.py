@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from finetune.errors import FinetuneError
 from finetune.models.vision.heads import in_heads
 from finetune.recipe import Recipe
+from finetune.recipe.schema import is_pattern
 
 log = logging.getLogger("finetune")
 
@@ -31,6 +33,11 @@ def _depthwise(module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1
 
 
+def _named(target: str, name: str) -> bool:
+    """As PEFT matches a target: a regular expression against the whole name, a name against itself or a suffix."""
+    return re.fullmatch(target, name) is not None if is_pattern(target) else name == target or name.endswith("." + target)
+
+
 def lora_targets(model, recipe: Recipe, heads: list[str]) -> list[str]:
     """Full names of the layers LoRA adapts. `all-linear` (the default): every linear layer and 2-D convolution of
     the backbone, depthwise convolutions left out (a low-rank update of a per-channel filter saves nothing, and PEFT
@@ -45,7 +52,7 @@ def lora_targets(model, recipe: Recipe, heads: list[str]) -> list[str]:
         return names
     names, unmatched = [], []
     for target in a.target_modules:
-        found = [n for n, m in modules if (n == target or n.endswith("." + target)) and _adaptable(m)]
+        found = [n for n, m in modules if _named(target, n) and _adaptable(m)]
         names += [n for n in found if n not in names]
         if not found:
             unmatched.append(target)
