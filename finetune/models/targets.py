@@ -4,7 +4,7 @@ an image model's `image.head`), resolved against the model's own module names be
 Names a local checkpoint's safetensors headers show (each target a weight matrix) are confirmed from the headers
 alone. Otherwise the model is built from its config on the meta device (no memory, no weights): a folder's or the hub
 cache's config.json, a converted GGUF's, or a GGUF's header mapped to a config as transformers maps it; an image
-model by `models/vision.py`, whose own rules pick its LoRA targets. A language model's module names and types are
+model by `models/vision/`, whose own rules pick its LoRA targets. A language model's module names and types are
 cached by its config, so a later check reads one small JSON file and imports neither torch nor transformers.
 Entries match the way PEFT and transformers match them: a name or a `.`-suffix, one regular expression matched
 against whole names, `all-linear`.
