@@ -153,7 +153,7 @@ def model_config_problems(recipe: Recipe) -> list[str]:
         )
     context = _config_value(config, _CONTEXT_KEYS)
     # Only a length the recipe sets: the default (1024) is for the usual 2k+ contexts, and classification caps it at
-    # a BERT-style model's 512 positions with a warning (tasks/classification.py). Pretraining fills every block to
+    # a BERT-style model's 512 positions with a warning (models/text_classifier.py). Pretraining fills every block to
     # max_length, so there the default must fit too.
     explicit = "max_length" in recipe.data.model_fields_set or traits(recipe.task).fills_context
     if context and explicit and recipe.data.max_length > context[1]:
