@@ -516,13 +516,18 @@ def test_every_loss_trains_through_the_kit(tiny_llama_dir, tmp_path, loss, step_
     policy is the reference and the KL baseline is 0). SimPO and ORPO have no reference: their first loss is finite."""
     from finetune.runner import run
 
-    result = run(validate_recipe(pref_recipe(tiny_llama_dir, tmp_path, preference={"loss": loss}, train={"max_steps": 3})))
+    data = {"eval_fraction": 0.25} if loss == "kto" else {}  # KTO: the split keeps both answers of a pair together
+    result = run(validate_recipe(pref_recipe(tiny_llama_dir, tmp_path, preference={"loss": loss}, data=data,
+                                             train={"max_steps": 3, "eval_steps": 3})))
     logs = [h for h in result.metrics["log_history"] if "loss" in h]
     assert len(logs) == 3 and all(math.isfinite(h["loss"]) for h in logs)
     if step_zero is not None:
         assert logs[0]["loss"] == pytest.approx(step_zero, abs=1e-4)
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"} <= set(logs[0])
     assert result.metrics["preference"]["loss"] == loss
+    if loss == "kto":  # 20 pairs: 5 held out, read as 10 unpaired rows; 15 trained on, as 30
+        assert (len(result.trainer.train_dataset), len(result.trainer.eval_dataset)) == (30, 10)
+        assert sum(result.trainer.eval_dataset["label"]) == 5
 
 
 @pytest.mark.slow  # two DeepSpeed processes: about a minute on CPUs

@@ -28,15 +28,15 @@ LOSSES = {
 }
 
 
-def as_unpaired(rows: list[dict]) -> list[dict]:
-    """Pairs as KTO's unpaired rows: the chosen answer desirable, the rejected one undesirable."""
+def as_unpaired(tokens: list[dict]) -> list[dict]:
+    """Tokenized pairs as KTO's unpaired rows: the chosen answer desirable, the rejected one undesirable."""
     out = []
-    for row in rows:
-        if "completion" in row:
+    for row in tokens:
+        if "completion_ids" in row:
             out.append(row)
             continue
-        out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
-        out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+        out.append({"prompt_ids": row["prompt_ids"], "completion_ids": row["chosen_ids"], "label": True})
+        out.append({"prompt_ids": row["prompt_ids"], "completion_ids": row["rejected_ids"], "label": False})
     return out
 
 
@@ -57,9 +57,6 @@ def read_preference_rows(recipe: Recipe, sources: list[DataSource], tokenizer=No
     problem = shape_problem(recipe, rows.rows)
     if problem:
         raise DataError(problem)
-    if recipe.preference.loss == "kto":
-        rows.rows, rows.origins = as_unpaired(rows.rows), [o for row, o in zip(rows.rows, rows.origins)
-                                                           for _ in range(1 if "completion" in row else 2)]
     if tokenizer is None:
         return rows, None
     return tokenize_preference_rows(rows, tokenizer, recipe.data)
@@ -87,10 +84,13 @@ class PreferenceTask(Task):
         elif recipe.data.eval_fraction:
             from finetune.data.rows import split_rows
 
-            # Split the pairs, not the KTO rows made of them: both answers of a pair stay on one side.
+            # Pairs are split before KTO reads them as two rows each: both answers of a pair stay on one side.
             kept, held = split_rows(list(zip(train_tokens, train.origins)), recipe.data.eval_fraction, recipe.data.seed)
             train_tokens, held_tokens = [t for t, _ in kept], [t for t, _ in held]
         self.skipped += train.skipped
+        if recipe.preference.loss == "kto":
+            train_tokens = as_unpaired(train_tokens)
+            held_tokens = as_unpaired(held_tokens) if held_tokens else held_tokens
         self.train_dataset = Dataset.from_list(train_tokens)
         self.eval_dataset = Dataset.from_list(held_tokens) if held_tokens else None
 
