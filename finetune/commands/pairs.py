@@ -56,7 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
     decoding = ({"greedy": True} if args.temperature == 0
                 else {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed})
-    answers = answer_prompts(model, tokenizer, list(prompts), args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(prompts), desc="answers", unit="prompt") as bar:  # minutes per hundred prompts on a CPU
+        answers = answer_prompts(model, tokenizer, list(prompts), args.max_new_tokens, args.temperature, args.top_p,
+                                 args.seed, progress=bar)
     provenance = {"model": name, "model_hash": model_digest(*folders), "decoding": decoding,
                   "max_new_tokens": args.max_new_tokens, "tie_chrf": args.tie_chrf}
     pairs = build_pairs(list(prompts), list(references), answers, args.tie_chrf, provenance)

@@ -60,11 +60,12 @@ def sample_continuations(
 
 def answer_prompts(
     model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+    progress=None,
 ) -> list[dict]:
     """The model's answer to each prompt (a conversation ending in a user turn, templated with the chat template and
     its generation prompt; or a text), greedy when `temperature` is 0, else sampled with `seed + index`, so an answer
     depends on its prompt and the seed only, not on the prompts before it. Each: `{answer, finished}`, finished
-    False when `max_new_tokens` cut the answer before it ended."""
+    False when `max_new_tokens` cut the answer before it ended. `progress` (a tqdm bar) advances once per answer."""
     import torch
 
     was_training = model.training
@@ -87,5 +88,7 @@ def answer_prompts(
         stops = {stops} if isinstance(stops, int) else set(stops or ())
         finished = len(new) < max_new_tokens or int(new[-1]) in stops
         answers.append({"answer": tokenizer.decode(new, skip_special_tokens=True).strip(), "finished": finished})
+        if progress is not None:
+            progress.update(1)
     model.train(was_training)
     return answers
