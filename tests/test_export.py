@@ -18,6 +18,7 @@ import yaml
 from finetune.errors import FinetuneError
 from finetune.merge import gguf_export, modelfile
 from finetune.merge.gguf_export import export_gguf
+from support import sft_recipe
 
 TEXTS = [
     "The capital of France is Paris. Grüße aus Köln, café, naïve, déjà vu — ½ ≠ ∞.",
@@ -378,3 +379,22 @@ def test_cli_exports_and_prints_the_checks(llama_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "verified with transformers' GGUF loader: max |logit diff|" in printed
     assert f"ollama create NAME -f {tmp_path / 'm.Modelfile'}" in printed
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe's export section
+# --------------------------------------------------------------------------------------------
+
+
+def test_train_exports_at_the_end_with_the_recipe_export_section(llama_dir, tmp_path):
+    from finetune.recipe import validate_recipe
+    from finetune.runner import run
+
+    recipe = validate_recipe(sft_recipe(
+        llama_dir, tmp_path, train={"max_steps": 2, "micro_batch_size": 4}, export={"format": "gguf", "quant": "f16"},
+    ))  # fmt: skip
+    result = run(recipe)
+    out = result.output_dir / f"{result.output_dir.name}-f16.gguf"
+    report = json.loads(out.with_name(out.stem + ".export_report.json").read_text())
+    assert report["source_kind"] == "run" and report["merge"]["verification"]["passed"] and report["verification"]["passed"]
+    assert out.read_bytes()[:4] == b"GGUF"

@@ -160,6 +160,7 @@ def export_gguf(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    merge_tmp = None
     try:
         seconds = {}
         merge = None
@@ -168,8 +169,12 @@ def export_gguf(
             from finetune.merge.merging import merge_adapter
 
             t0 = time.perf_counter()
-            merged = merge_adapter(src.folder, tmp / "merged")
-            folder = tmp / "merged"
+            # `finetune merge` refuses a folder inside the run: when the file goes into the run folder (the
+            # recipe's export), the merged model goes beside the run instead.
+            inside = src.folder.resolve() in out.parents
+            merge_tmp = Path(tempfile.mkdtemp(dir=src.folder.resolve().parent if inside else out.parent, prefix=f".{out.name}.merged-"))
+            folder = merge_tmp / "merged"
+            merged = merge_adapter(src.folder, folder)
             merge = {"method": merged.method, "dtype": merged.dtype, "verification": merged.verification}
             seconds["merge"] = round(time.perf_counter() - t0, 2)
         config = json.loads((folder / "config.json").read_text())
@@ -206,6 +211,8 @@ def export_gguf(
         os.replace(file, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if merge_tmp is not None:
+            shutil.rmtree(merge_tmp, ignore_errors=True)
     return report
 
 
