@@ -57,7 +57,8 @@ def gguf_arch(name: str):
 
 def architecture_of(config: dict, where: str) -> Arch:
     """The GGUF architecture of a config.json, or a FinetuneError naming it and the supported ones."""
-    found = (config.get("architectures") or [config.get("model_type", "?")])[0]
+    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    found = (config.get("architectures") or [by_type.get(config.get("model_type"), config.get("model_type", "?"))])[0]
     if found not in ARCHITECTURES:
         raise FinetuneError(
             f"{where}: architecture {found} cannot be exported to GGUF; supported: {', '.join(ARCHITECTURES)}."
