@@ -234,10 +234,12 @@ def test_bad_input_is_refused_before_any_work(llama_dir, tiny_bert_dir, tiny_lla
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "taken.gguf"]
 
 
-def test_overwrite_replaces_an_earlier_export(llama_dir, tmp_path):
+def test_overwrite_replaces_an_earlier_export_and_a_new_folder_is_made(llama_dir, tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"old")
     export_gguf(llama_dir, tmp_path / "m.gguf", "f16", overwrite=True)
     assert (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"
+    export_gguf(llama_dir, tmp_path / "new" / "folder" / "m.gguf", "f16")
+    assert (tmp_path / "new" / "folder" / "m.gguf").is_file()
 
 
 # --------------------------------------------------------------------------------------------

@@ -128,7 +128,8 @@ def resolve_source(source: Path) -> _Source:
 
 
 def _check_disk(out: Path, need: int) -> None:
-    free = shutil.disk_usage(out.parent).free
+    existing = next(p for p in out.parents if p.exists())  # the folder is created later, on this disk
+    free = shutil.disk_usage(existing).free
     if free < need:
         raise FinetuneError(
             f"--out {out}: the export needs about {need / 2**30:.2f} GiB on that disk and {free / 2**30:.2f} GiB is "
