@@ -400,3 +400,16 @@ def test_train_exports_at_the_end_with_the_recipe_export_section(llama_dir, tmp_
     report = json.loads(out.with_name(out.stem + ".export_report.json").read_text())
     assert report["source_kind"] == "run" and report["merge"]["verification"]["passed"] and report["verification"]["passed"]
     assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_the_export_section_is_checked_before_training(tiny_bert_dir, tiny_llama_dir, tmp_path):
+    from finetune.checks import recipe_problems
+    from finetune.recipe import validate_recipe
+    from finetune.runtime import resolve_runtime
+
+    from support import cls_recipe
+
+    recipe = validate_recipe(cls_recipe(tiny_bert_dir, tmp_path, export={"format": "gguf"}))
+    problems = recipe_problems(recipe, resolve_runtime(recipe))
+    assert "export.format: gguf files hold causal language models; a classification run is not one. Remove the export section." in problems
+    assert any(p.startswith("export.format: ") and "architecture BertModel cannot be exported to GGUF" in p for p in problems)
