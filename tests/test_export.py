@@ -413,3 +413,34 @@ def test_the_export_section_is_checked_before_training(tiny_bert_dir, tiny_llama
     problems = recipe_problems(recipe, resolve_runtime(recipe))
     assert "export.format: gguf files hold causal language models; a classification run is not one. Remove the export section." in problems
     assert any(p.startswith("export.format: ") and "architecture BertModel cannot be exported to GGUF" in p for p in problems)
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp itself (slow; needs llama-cpp-python, built from source here: README "Export")
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_llama_cpp_answers_as_finetune_chat(tmp_path, monkeypatch):
+    """A few steps of the demo run, exported at f16: llama.cpp (its own chat template handling from the file's
+    metadata, its own EOS) gives the same greedy answers as `finetune chat` on the run."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from finetune.commands.chat import load_for_chat
+    from finetune.models.generation import generate_answers
+    from finetune.recipe import load_recipe
+    from finetune.runner import run
+    from support import REPO
+
+    recipe = load_recipe(REPO / "recipes" / "llama_lora.yaml", overrides=[
+        "train.max_steps=4", "train.num_threads=2", f"output.dir={tmp_path / 'run'}", "export.format=gguf", "export.quant=f16",
+    ])  # fmt: skip
+    result = run(recipe)
+    prompts = recipe.eval.prompts
+    model, tokenizer, _ = load_for_chat(str(result.output_dir))
+    expected = [s["answer"] for s in generate_answers(model, tokenizer, prompts, max_new_tokens=24)]
+    llm = llama_cpp.Llama(str(result.output_dir / "run-f16.gguf"), n_ctx=512, n_threads=2, verbose=False, seed=0)
+    answers = [
+        llm.create_chat_completion([{"role": "user", "content": p}], temperature=0.0, top_k=1, max_tokens=24)["choices"][0]["message"]["content"].strip()
+        for p in prompts
+    ]
+    assert answers == expected
