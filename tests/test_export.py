@@ -352,7 +352,9 @@ def test_modelfile_template_renders_the_chat_template(template, llama_dir):
     if template == "smollm2":
         tokenizer.chat_template = SMOLLM_TEMPLATE
     pieces = modelfile.chat_pieces(tokenizer)
-    assert pieces is not None
+    assert pieces.before["user"] == "<|im_start|>user\n" and pieces.after["assistant"] == "<|im_end|>\n"
+    smollm_system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    assert pieces.default_system == ("" if template == "chatml" else smollm_system)
     go = modelfile.go_template(pieces)
     for messages in CONVERSATIONS:
         expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -23,12 +23,12 @@ class ChatPieces:
     default_system: str  # rendered when the conversation does not open with a system message
     generation: str
 
-    def render(self, messages: list[dict]) -> str:
-        """What the derived template renders for `messages` (with the generation prompt)."""
+    def render(self, messages: list[dict], generation: bool = True) -> str:
+        """What the derived template renders for `messages` (with the generation prompt, as Ollama renders it)."""
         text = self.default_system if messages and messages[0]["role"] != "system" else ""
         for m in messages:
             text += self.before[m["role"]] + m["content"] + self.after[m["role"]]
-        return text + self.generation
+        return text + (self.generation if generation else "")
 
 
 def _render(tokenizer, messages: list[dict], generation: bool = False) -> str:
@@ -50,23 +50,24 @@ def chat_pieces(tokenizer) -> ChatPieces | None:
     user2 = {"role": "user", "content": u2}
     try:
         r_u = _render(tokenizer, [user])
+        r_ua = _render(tokenizer, [user, assistant])
         r_uau = _render(tokenizer, [user, assistant, user2])
         r_su = _render(tokenizer, [sys, user])
         r_u_gen = _render(tokenizer, [user], generation=True)
     except Exception:  # the template refuses one of the marker conversations
         return None
     after_user = _between(r_uau, u2, None)
+    after_assistant = _between(r_ua, a1, None)
     user_to_assistant = _between(r_uau, u1, a1)
     assistant_to_user = _between(r_uau, a1, u2)
-    if not user_to_assistant.startswith(after_user) or not r_u_gen.startswith(r_u):
+    before_user_plus = _between(r_u, None, u1)  # the default system block (if any), then what opens a user turn
+    if not (user_to_assistant.startswith(after_user) and assistant_to_user.startswith(after_assistant)
+            and r_u_gen.startswith(r_u)):  # fmt: skip
         return None
     before_assistant = user_to_assistant[len(after_user):]
-    # What closes an assistant turn, and what opens a user turn, split where the user-only render says it opens.
-    before_user_plus = _between(r_u, None, u1)
-    for cut in range(len(assistant_to_user) + 1):
-        if before_user_plus.endswith(assistant_to_user[cut:]):
-            after_assistant, before_user = assistant_to_user[:cut], assistant_to_user[cut:]
-            break
+    before_user = assistant_to_user[len(after_assistant):]
+    if not before_user_plus.endswith(before_user):
+        return None
     default_system = before_user_plus[: len(before_user_plus) - len(before_user)]
     sys_to_user = _between(r_su, s, u1)
     if not sys_to_user.endswith(before_user):
@@ -79,15 +80,17 @@ def chat_pieces(tokenizer) -> ChatPieces | None:
     )
     checks = [
         [sys, user, assistant, user2, {"role": "assistant", "content": a2}, user],
+        [sys, user, assistant],
         [user, assistant, user2],
         [sys, user],
     ]
     for messages in checks:
-        try:
-            if pieces.render(messages) != _render(tokenizer, messages, generation=True):
+        for generation in (True, False):
+            try:
+                if pieces.render(messages, generation) != _render(tokenizer, messages, generation):
+                    return None
+            except Exception:
                 return None
-        except Exception:
-            return None
     return pieces
 
 
