@@ -73,6 +73,7 @@ class _Source:
     tokenizer_dir: Path | None
     source_gguf: Path | None
     name: str
+    weights_dir: Path  # where the tensors come from: the merged folder, or a run's base (merged first)
 
 
 def side_files(out: Path) -> tuple[Path, Path]:
@@ -113,14 +114,15 @@ def resolve_source(source: Path) -> _Source:
         if inputs.task_type != "CAUSAL_LM":
             raise FinetuneError(f"{source}: a {inputs.task_type} adapter; GGUF export writes causal language models.")
         config = json.loads((inputs.base_dir / "config.json").read_text())
-        return _Source(source, "run", config, inputs.tokenizer_dir, _source_gguf(inputs.recipe), inputs.base_name)
+        return _Source(source, "run", config, inputs.tokenizer_dir, _source_gguf(inputs.recipe), inputs.base_name, inputs.base_dir)
     if (source / "config.json").is_file():
         if not any((source / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
             raise FinetuneError(f"{source}: no safetensors weights; export a `finetune merge` folder or a run folder.")
         recipe = load_recipe(source / "recipe.yaml") if (source / "recipe.yaml").is_file() else None
         name = recipe.model.name_or_path if recipe is not None else source.name
         tokenizer = source if (source / "tokenizer_config.json").is_file() else None
-        return _Source(source, "merged", json.loads((source / "config.json").read_text()), tokenizer, _source_gguf(recipe), name)
+        config = json.loads((source / "config.json").read_text())
+        return _Source(source, "merged", config, tokenizer, _source_gguf(recipe), name, source)
     raise FinetuneError(
         f"{source}: not a finetune run (no adapter_config.json) nor a merged model (no config.json); "
         "give a run folder or a `finetune merge` output folder."
@@ -220,12 +222,9 @@ def export_gguf(
 def _estimate_bytes(src: _Source, quant: str) -> int:
     """Bytes the export writes: the file (from the tensor shapes), plus the merged model for a run (fp32, the most a
     merge writes), plus 5% and 64 MiB for the header and the tokenizer."""
-    from finetune.merge.plan import has_safetensors, resolve_inputs
+    from finetune.merge.plan import has_safetensors
 
-    if src.kind == "run":
-        folder = resolve_inputs(src.folder, None).base_dir
-    else:
-        folder = src.folder
+    folder = src.weights_dir
     arch = gguf_writer.architecture_of(src.config, str(folder))
     plans = gguf_writer.plan_tensors(folder, src.config, arch, quant) if has_safetensors(folder) else []
     size = sum(p.nbytes for p in plans)
