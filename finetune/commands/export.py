@@ -39,10 +39,15 @@ def print_report(report) -> None:
     print(f"Exported {report.source} -> {report.out} ({report.quant}, {report.bytes / 2**20:.1f} MiB, {report.gguf_architecture})")
     if report.merge:
         print(f"  merged first ({report.merge['method']}, {report.merge['dtype']})")
+    r = v["rounding"]
     print(
         f"  verified with transformers' GGUF loader: max |logit diff| {v['max_abs_logit_diff']:.3g} <= tolerance "
-        f"{v['tolerance']:.3g}; top-1 agreement {v['top1_agreement']:.1%} of {v['positions']} positions; token ids "
-        f"equal on {v['tokenizer_texts']} texts"
+        f"{v['tolerance']:.3g} against the merged model rounded to {report.quant}; token ids equal on "
+        f"{v['tokenizer_texts']} texts"
+    )
+    print(
+        f"  {report.quant} rounding vs the merged model: top-1 agreement {r['top1_agreement']:.1%} of {v['positions']} "
+        f"positions, mean KL divergence {r['mean_kl_divergence']:.3g}, max |logit diff| {r['max_abs_logit_diff']:.3g}"
     )
     print(f"  Ollama: ollama create NAME -f {report.out[: -len('.gguf')]}.Modelfile")
     print(f"  llama.cpp: llama-cli -m {report.out} -cnv")
