@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="The .gguf file to write (its Modelfile and report go beside it).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing file (and its Modelfile, report).")
     parser.add_argument(
-        "--tolerance", type=float, help="Largest max |logit difference| accepted against the merged model; default: "
-        "relative to the logit scale, per quant."
+        "--tolerance", type=float, help="Largest max |logit difference| accepted against the merged model rounded to "
+        "the file's types; default: 1e-3 x the logit scale."
     )
 
 

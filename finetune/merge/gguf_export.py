@@ -154,7 +154,8 @@ def export_gguf(
     out = check_out(Path(out), overwrite)  # the quick checks first: torch is not imported yet
     gguf_writer.quant_type(quant)
     src = resolve_source(Path(source))
-    arch = gguf_writer.architecture_of(src.config, str(src.folder / "config.json") if src.kind == "merged" else f"{src.name} (base of {src.folder})")
+    where = str(src.folder / "config.json") if src.kind == "merged" else f"{src.name} (base of {src.folder})"
+    arch = gguf_writer.architecture_of(src.config, where)
     if src.tokenizer_dir is None and src.source_gguf is None:
         raise FinetuneError(f"{src.folder}: no tokenizer found (run, base or merged folder); a GGUF file needs one.")
     if src.tokenizer_dir is not None:
@@ -176,7 +177,8 @@ def export_gguf(
             # `finetune merge` refuses a folder inside the run: when the file goes into the run folder (the
             # recipe's export), the merged model goes beside the run instead.
             inside = src.folder.resolve() in out.parents
-            merge_tmp = Path(tempfile.mkdtemp(dir=src.folder.resolve().parent if inside else out.parent, prefix=f".{out.name}.merged-"))
+            beside = src.folder.resolve().parent if inside else out.parent
+            merge_tmp = Path(tempfile.mkdtemp(dir=beside, prefix=f".{out.name}.merged-"))
             folder = merge_tmp / "merged"
             merged = merge_adapter(src.folder, folder)
             merge = {"method": merged.method, "dtype": merged.dtype, "verification": merged.verification}
