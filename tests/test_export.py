@@ -134,17 +134,17 @@ def test_qwen3_round_trip(tmp_path):
     assert report.verification["passed"] and report.gguf_architecture == "qwen3"
 
 
-def test_q4_0_and_q5_0_keep_the_output_matrix_at_q8_0(llama_dir, tmp_path):
+def test_4_and_5_bit_quants_keep_the_output_matrix_at_q8_0(llama_dir, tmp_path):
     from gguf import GGUFReader
 
     moved = {}
-    for quant in ("q8_0", "q5_0", "q4_0"):
+    for quant in ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0"):
         report = export_gguf(llama_dir, tmp_path / f"{quant}.gguf", quant)
         types = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / f"{quant}.gguf").tensors}
         assert types["output.weight"] == "Q8_0" and types["blk.1.ffn_down.weight"] == quant.upper()
         assert report.verification["passed"]
         moved[quant] = report.verification["rounding"]["mean_kl_divergence"]
-    assert moved["q8_0"] < moved["q5_0"] < moved["q4_0"]  # fewer bits, further from the merged model
+    assert moved["q8_0"] < moved["q5_1"] < moved["q4_1"] and moved["q5_0"] < moved["q4_0"]  # fewer bits, further away
 
 
 def test_a_missing_qk_permutation_is_caught_and_nothing_is_published(llama_dir, tmp_path):
@@ -220,7 +220,7 @@ def test_bad_input_is_refused_before_any_work(llama_dir, tiny_bert_dir, tiny_lla
         export_gguf(tmp_path / "empty", tmp_path / "a.gguf")
     with pytest.raises(FinetuneError, match=r"architecture BertModel cannot be exported to GGUF; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
         export_gguf(tiny_bert_dir, tmp_path / "a.gguf")
-    with pytest.raises(FinetuneError, match=r"--quant q3_k: not supported; choose one of f16, bf16, q8_0, q5_0, q4_0"):
+    with pytest.raises(FinetuneError, match=r"--quant q3_k: not supported; choose one of f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0"):
         export_gguf(llama_dir, tmp_path / "a.gguf", "q3_k")
     with pytest.raises(FinetuneError, match=r"a WordLevel tokenizer cannot be written to GGUF"):
         export_gguf(tiny_llama_dir, tmp_path / "a.gguf")  # the kit's tiny word-level tokenizer

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--format", choices=("gguf",), default="gguf", help="File format (gguf).")
     parser.add_argument(
-        "--quant", default="q8_0", choices=("f16", "bf16", "q8_0", "q5_0", "q4_0"), help=recipe_key_help("export.quant")
+        "--quant", default="q8_0", choices=("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"), help=recipe_key_help("export.quant")
     )
     parser.add_argument("--out", required=True, help="The .gguf file to write (its Modelfile and report go beside it).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing file (and its Modelfile, report).")

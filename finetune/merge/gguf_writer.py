@@ -15,7 +15,7 @@ from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
 
-QUANTS = ("f16", "bf16", "q8_0", "q5_0", "q4_0")
+QUANTS = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ def file_type(quant: str) -> int:
 
     return {
         "f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-        "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1, "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }[quant]  # fmt: skip
 
 
@@ -101,7 +102,7 @@ def shards(folder: Path) -> list[str]:
 
 def _type_of(name: str, shape: tuple[int, ...], quant: str, tied: bool):
     """The GGUF type of one tensor, following convert_hf_to_gguf: 1-D tensors (norms, biases) in F32; 2-D in the
-    requested type, F16 when a row is not a whole number of quantization blocks. At q5_0/q4_0 the output matrix
+    requested type, F16 when a row is not a whole number of quantization blocks. At 5 and 4 bits the output matrix
     (output.weight, or token_embd when tied to it) is Q8_0: llama.cpp's quantizer also keeps it at higher precision
     (Q6_K, which gguf cannot quantize in numpy)."""
     import gguf
@@ -110,7 +111,7 @@ def _type_of(name: str, shape: tuple[int, ...], quant: str, tied: bool):
     if len(shape) <= 1 or name.endswith("_norm.weight"):
         return Q.F32
     qtype = quant_type(quant)
-    if quant in ("q5_0", "q4_0") and (name == "output.weight" or (tied and name == "token_embd.weight")):
+    if quant.startswith(("q5", "q4")) and (name == "output.weight" or (tied and name == "token_embd.weight")):
         qtype = Q.Q8_0
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if shape[-1] % block:

@@ -573,7 +573,7 @@ class ExportConfig(Section):
         None, description="Write the finished run as this format after training: `gguf` (llama.cpp, Ollama); "
         "default: no export."
     )
-    quant: Literal["f16", "bf16", "q8_0", "q5_0", "q4_0"] = Field(
+    quant: Literal["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = Field(
         "q8_0", description="Tensor type of the GGUF file's matrices (norms stay f32)."
     )
     out: str | None = Field(
