@@ -3,11 +3,15 @@ and the whole export (write + verification with transformers' GGUF loader).
 
     OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.export                        # ~1B parameters, q8_0
     OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.export --params 1e8 --quant f16
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.export --run outputs/llama_lora     # every quant of a real run
 
 A child writes a bf16 model of about `--params` parameters (benchmarks/merge.py's shapes, several shards) with a
 small byte-level BPE tokenizer, as a `finetune merge` folder looks; then one child writes the GGUF file without
 verification (the writer's own memory: one model's tensors streamed, one at a time) and another runs the full
 export. Peak RSS is each child's (wait4).
+
+With `--run`, a finished run is merged once and exported at every quant from the merged folder (and twice without
+the Q/K permutation, which the verification must refuse): the README's table of what each quant costs.
 """
 
 from __future__ import annotations
@@ -67,6 +71,30 @@ def export(work: Path, quant: str) -> dict:
             "steps": report.seconds}  # fmt: skip
 
 
+QUANTS = ("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+
+
+def every_quant(run: Path, work: Path) -> None:
+    """The run merged once, then exported at every quant; one row each (and the refused unpermuted files)."""
+    from finetune.errors import FinetuneError
+    from finetune.merge.gguf_export import export_gguf
+    from finetune.merge.merging import merge_adapter
+
+    merge_adapter(run, work / "merged")
+    rows = []
+    for quant, permute in [(q, True) for q in QUANTS] + [("f16", False), ("q4_0", False)]:
+        try:
+            report = export_gguf(work / "merged", work / f"{quant}.gguf", quant, overwrite=True, permute_qk=permute)
+        except FinetuneError as e:
+            rows.append([f"{quant}, Q/K not permuted", "refused", str(e).split("by up to ")[1].split(",")[0], "", "", "", ""])
+            continue
+        v, r, t = report.verification, report.verification["rounding"], report.seconds
+        rows.append([quant, f"{report.bytes / 2**20:.1f} MiB", f"{v['max_abs_logit_diff']:.3g}", f"{r['max_abs_logit_diff']:.3g}",
+                     f"{r['mean_kl_divergence']:.2g}", f"{r['top1_agreement']:.0%}", f"{t['write']:.0f} s + {t['verify']:.0f} s"])  # fmt: skip
+    print_table(["quant", "file", "file vs rounded: max |logit diff|", "rounding: max |logit diff|",
+                 "rounding: mean KL (nats)", "rounding: top-1 agreement", "write + verify"], rows)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=1e9, help="Approximate model size (default 1e9).")
@@ -74,6 +102,7 @@ def main() -> None:
     parser.add_argument("--shard-size", default="500MB")
     parser.add_argument("--workdir", type=Path, help="Folder for the synthetic model and file (default: a temp folder, removed).")
     parser.add_argument("--out", type=Path, help="JSON figures (default benchmarks/results/export.json).")
+    parser.add_argument("--run", type=Path, help="A finished run: export it at every quant (the README's table).")
     parser.add_argument("--child", nargs=2, metavar=("WHAT", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -86,6 +115,14 @@ def main() -> None:
         print(BENCH_PREFIX + json.dumps(result))
         return
 
+    if args.run:
+        work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-export-"))
+        try:
+            every_quant(args.run, work)
+        finally:
+            if args.workdir is None:
+                shutil.rmtree(work, ignore_errors=True)
+        return
     info = machine()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-export-"))
     child = [sys.executable, "-m", "benchmarks.export", "--params", str(args.params), "--quant", args.quant,
