@@ -17,6 +17,7 @@ the Q/K permutation, which the verification must refuse): the README's table of 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -93,6 +94,39 @@ def every_quant(run: Path, work: Path) -> None:
                      f"{r['mean_kl_divergence']:.2g}", f"{r['top1_agreement']:.0%}", f"{t['write']:.0f} s + {t['verify']:.0f} s"])  # fmt: skip
     print_table(["quant", "file", "file vs rounded: max |logit diff|", "rounding: max |logit diff|",
                  "rounding: mean KL (nats)", "rounding: top-1 agreement", "write + verify"], rows)  # fmt: skip
+    if importlib.util.find_spec("llama_cpp") is not None:
+        print_table(["quant", "llama.cpp: mean KL from its f16 run", "llama.cpp: top-1 agreement"], llama_cpp_rows(work))
+
+
+def llama_cpp_rows(work: Path) -> list[list]:
+    """Each file run by llama.cpp itself (llama-cpp-python) on one chat prompt, against its run of the f16 file."""
+    import llama_cpp
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(work / "merged")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "The capital of France is Paris. Write one sentence about the sea and the mountains."}],
+        tokenize=False, add_generation_prompt=True,
+    )  # fmt: skip
+    scores = {}
+    for quant in QUANTS:
+        llm = llama_cpp.Llama(str(work / f"{quant}.gguf"), n_ctx=512, n_threads=2, verbose=False, logits_all=True)
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        llm.eval(ids)
+        scores[quant] = np.array(llm.scores[: len(ids)], dtype=np.float64)
+        del llm
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    reference = log_softmax(scores["f16"])
+    rows = []
+    for quant, s in scores.items():
+        kl = (np.exp(reference) * (reference - log_softmax(s))).sum(-1)
+        rows.append([quant, f"{kl.mean():.2g}", f"{(s.argmax(-1) == scores['f16'].argmax(-1)).mean():.0%}"])
+    return rows
 
 
 def main() -> None:
