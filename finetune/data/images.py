@@ -304,3 +304,40 @@ class FeatureDataset:
 
     def __getitem__(self, index: int) -> dict:
         return {"features": self.features[index], "labels": self.labels[index]}
+
+
+# --------------------------------------------------------------------------------------------
+# The data report (`finetune data`)
+# --------------------------------------------------------------------------------------------
+
+
+def report_facts(recipe: Recipe):
+    """The rows as `prepare_image_data` reads them (each image decoded once, as there), for the data report: labels
+    per split, and exact duplicates by the image file's bytes."""
+    import hashlib
+
+    from finetune.data.report import DataFacts, RowFacts, Tally
+    from finetune.data.rows import held_out_order
+
+    data = recipe.data
+    train = load_image_rows(data.train, recipe)
+    tally = Tally(train.skipped, list(train.problems))
+    rows = [(row, "train") for row in train.rows]
+    if data.eval:
+        held = load_image_rows(data.eval, recipe)
+        tally.skipped += held.skipped
+        tally.problems += held.problems
+        rows += [(row, "eval") for row in held.rows]
+    if data.eval_fraction:
+        out = set(held_out_order(len(train.rows), data.eval_fraction, data.seed))
+        rows = [(row, "eval" if index in out else split) for index, (row, split) in enumerate(rows)]
+
+    def facts():
+        for row, split in rows:
+            image = row["image"]
+            content = image if isinstance(image, bytes) else Path(image).read_bytes()
+            key = int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little") or 1
+            yield RowFacts(split=split, origin=row["origin"], key=key, labels=tuple(str(v) for v in row["labels"]))
+
+    return DataFacts(rows=facts(), batching="images", max_length=None, micro_batch_size=recipe.train.micro_batch_size,
+                     tally=tally, trains_on="labels")

@@ -1,0 +1,125 @@
+"""Exact and near-duplicate rows, within the training split and between it and the held-out split (leakage).
+
+Exact: the text with case and whitespace normalised, hashed. Near: MinHash signatures over word 3-shingles, banded
+for locality-sensitive hashing (Broder 1997; Leskovec et al., *Mining of Massive Datasets*, ch. 3), and a candidate
+pair kept when its signatures agree on at least `threshold` of their slots (the estimated Jaccard similarity of the
+two rows' shingle sets). The signatures are numpy rows of 16-bit values, 128 per row (256 bytes), so a million rows
+take a quarter of a gigabyte; candidate pairs are found by sorting each band's keys, not by a dict per band.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+PERMUTATIONS = 128
+BANDS = 16  # 16 bands of 8 slots: a pair at similarity 0.8 is a candidate with probability 0.95, at 0.9 with 0.9999
+ROWS_PER_BAND = PERMUTATIONS // BANDS
+SHINGLE = 3  # words per shingle
+THRESHOLD = 0.8
+
+_WORDS = re.compile(r"\w+", re.UNICODE)
+_SPACE = re.compile(r"\s+")
+_SEED = 20260207
+
+
+def normalise(text: str) -> str:
+    """Case folded and whitespace collapsed: what makes two rows "the same" to a reader."""
+    return _SPACE.sub(" ", text.casefold()).strip()
+
+
+def exact_key(text: str) -> int:
+    """64 bits of BLAKE2b of the normalised text (a collision among a billion rows has odds of about 1 in 30)."""
+    return int.from_bytes(hashlib.blake2b(normalise(text).encode(), digest_size=8).digest(), "little")
+
+
+def shingles(text: str) -> list[str]:
+    """Overlapping runs of `SHINGLE` words of the normalised text (the whole text when it is shorter)."""
+    words = _WORDS.findall(text.casefold())
+    if len(words) <= SHINGLE:
+        return [" ".join(words)]
+    return [" ".join(words[i : i + SHINGLE]) for i in range(len(words) - SHINGLE + 1)]
+
+
+def _coefficients() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(_SEED)
+    a = rng.integers(1, 2**63, size=PERMUTATIONS, dtype=np.uint64) | np.uint64(1)  # odd multipliers
+    b = rng.integers(0, 2**63, size=PERMUTATIONS, dtype=np.uint64)
+    return a, b
+
+
+_A, _B = _coefficients()
+
+
+def signature(text: str) -> np.ndarray:
+    """The row's MinHash: per permutation, the least multiply-shift hash of its shingles' CRC32s (top 16 bits)."""
+    hashes = np.fromiter((zlib.crc32(s.encode()) for s in shingles(text)), dtype=np.uint64)
+    with np.errstate(over="ignore"):  # multiply-shift hashing wraps modulo 2**64 on purpose
+        mixed = (hashes[:, None] * _A[None, :] + _B[None, :]) >> np.uint64(32)
+    return (mixed.min(axis=0) >> np.uint64(16)).astype(np.uint16)
+
+
+def similarity(first: np.ndarray, second: np.ndarray) -> float:
+    """The estimated Jaccard similarity of two rows' shingle sets: the share of signature slots that agree."""
+    return float(np.mean(first == second))
+
+
+@dataclass
+class Pair:
+    """Row `row` repeats row `of` (indices into the rows given to `find_duplicates`); `kind` exact or near."""
+
+    row: int
+    of: int
+    kind: str
+    similarity: float
+
+
+def find_duplicates(keys: np.ndarray, signatures: np.ndarray, is_train: np.ndarray, threshold: float = THRESHOLD) -> list[Pair]:
+    """Each row that repeats an earlier training row: exactly (same `keys`) or nearly (signatures at or above
+    `threshold`). A row is paired with the first training row of its group, so a group of k copies gives k-1 pairs
+    and a held-out row that repeats a training row is paired with that training row. Rows with a zero key (no text)
+    are not compared."""
+    count = len(keys)
+    has_text = keys != 0
+    # Exact: sort by key, then by position with training rows first, so each group's anchor is its first training row.
+    order = np.lexsort((np.arange(count), ~is_train, keys))
+    order = order[has_text[order]]
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    anchors = np.repeat(order[starts], np.diff(np.r_[starts, len(order)]))
+    exact = (anchors != order) & is_train[anchors]
+    pairs = [Pair(int(r), int(a), "exact", 1.0) for r, a in zip(order[exact], anchors[exact])]
+    # Near: only rows that are not already an exact copy; one representative per exact group takes part.
+    exact_rows = np.zeros(count, dtype=bool)
+    exact_rows[order[anchors != order]] = True
+    candidates = np.flatnonzero(has_text & ~exact_rows)
+    found: dict[int, tuple[int, float]] = {}
+    for band in range(BANDS):
+        slots = signatures[candidates, band * ROWS_PER_BAND : (band + 1) * ROWS_PER_BAND]
+        band_keys = _band_keys(slots)
+        local = np.lexsort((candidates, ~is_train[candidates], band_keys))
+        rows, sorted_band = candidates[local], band_keys[local]
+        starts = np.flatnonzero(np.r_[True, sorted_band[1:] != sorted_band[:-1]])
+        sizes = np.diff(np.r_[starts, len(rows)])
+        anchor = np.repeat(rows[starts], sizes)
+        linked = (anchor != rows) & is_train[anchor]
+        for r, a in zip(rows[linked], anchor[linked]):
+            r, a = int(r), int(a)
+            if r in found:
+                continue
+            score = similarity(signatures[r], signatures[a])
+            if score >= threshold:
+                found[r] = (a, score)
+    pairs += [Pair(r, a, "near", round(s, 4)) for r, (a, s) in sorted(found.items())]
+    return pairs
+
+
+def _band_keys(slots: np.ndarray) -> np.ndarray:
+    """One 64-bit key per row of a band's slots (8 x 16 bits: two 64-bit words, mixed)."""
+    words = np.ascontiguousarray(slots).view(np.uint64)  # (rows, 2)
+    with np.errstate(over="ignore"):
+        return words[:, 0] * np.uint64(0x9E3779B97F4A7C15) ^ words[:, 1]
