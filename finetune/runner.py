@@ -148,7 +148,7 @@ def _train(recipe: Recipe, start: Start, callbacks) -> RunResult:
                      memory=memory, **task.plan_rows(trainer))
     if runtime.is_main:
         print(plan.render(), flush=True)
-        verdict = [("data", data["verdict"] + " (finetune data: the report)")] if data else []
+        verdict = [("data report", data["verdict"])] if data else []
         for key, value in [*task.plan_lines(), *verdict, ("start", f"{start.point.describe()} of {plan.steps} steps")]:
             print(f"  {key.ljust(15)}  {value}", flush=True)
 
