@@ -69,53 +69,57 @@ def similarity(first: np.ndarray, second: np.ndarray) -> float:
 
 
 @dataclass
-class Pair:
-    """Row `row` repeats row `of` (indices into the rows given to `find_duplicates`); `kind` exact or near."""
+class Duplicates:
+    """Row `rows[i]` repeats row `of[i]`, a training row: exactly (`exact[i]`) or with estimated `similarity[i]`.
+    Indices are into the rows given to `find_duplicates`, in increasing order of `rows`."""
 
-    row: int
-    of: int
-    kind: str
-    similarity: float
+    rows: np.ndarray
+    of: np.ndarray
+    exact: np.ndarray
+    similarity: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
-def find_duplicates(keys: np.ndarray, signatures: np.ndarray, is_train: np.ndarray, threshold: float = THRESHOLD) -> list[Pair]:
-    """Each row that repeats an earlier training row: exactly (same `keys`) or nearly (signatures at or above
-    `threshold`). A row is paired with the first training row of its group, so a group of k copies gives k-1 pairs
-    and a held-out row that repeats a training row is paired with that training row. Rows with a zero key (no text)
-    are not compared."""
+def find_duplicates(keys: np.ndarray, signatures: np.ndarray, is_train: np.ndarray, threshold: float = THRESHOLD) -> Duplicates:
+    """Each row that repeats a training row: exactly (same `keys`) or nearly (signatures agreeing on at least
+    `threshold` of their slots). A row is paired with the first training row of its group (its most similar one, for
+    near duplicates), so k copies give k-1 pairs and a held-out row is paired with the training row it repeats.
+    Rows with a zero key (no text) are not compared. Memory: a few arrays of one value per row."""
     count = len(keys)
     has_text = keys != 0
-    # Exact: sort by key, then by position with training rows first, so each group's anchor is its first training row.
+    # Exact: sort by key, training rows first, then by position: each group's anchor is its first training row.
     order = np.lexsort((np.arange(count), ~is_train, keys))
     order = order[has_text[order]]
     sorted_keys = keys[order]
     starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
     anchors = np.repeat(order[starts], np.diff(np.r_[starts, len(order)]))
+    best_of = np.full(count, -1, dtype=np.int64)
+    best_similarity = np.zeros(count, dtype=np.float32)
     exact = (anchors != order) & is_train[anchors]
-    pairs = [Pair(int(r), int(a), "exact", 1.0) for r, a in zip(order[exact], anchors[exact])]
-    # Near: only rows that are not already an exact copy; one representative per exact group takes part.
-    exact_rows = np.zeros(count, dtype=bool)
-    exact_rows[order[anchors != order]] = True
-    candidates = np.flatnonzero(has_text & ~exact_rows)
-    found: dict[int, tuple[int, float]] = {}
+    best_of[order[exact]] = anchors[exact]
+    best_similarity[order[exact]] = 1.0
+    # Near: every row with text but those already paired as exact copies of a training row, banded.
+    candidates = np.flatnonzero(has_text)
+    candidates = candidates[np.isin(candidates, order[exact], invert=True)]
     for band in range(BANDS):
-        slots = signatures[candidates, band * ROWS_PER_BAND : (band + 1) * ROWS_PER_BAND]
-        band_keys = _band_keys(slots)
+        band_keys = _band_keys(signatures[candidates, band * ROWS_PER_BAND : (band + 1) * ROWS_PER_BAND])
         local = np.lexsort((candidates, ~is_train[candidates], band_keys))
         rows, sorted_band = candidates[local], band_keys[local]
         starts = np.flatnonzero(np.r_[True, sorted_band[1:] != sorted_band[:-1]])
-        sizes = np.diff(np.r_[starts, len(rows)])
-        anchor = np.repeat(rows[starts], sizes)
+        anchor = np.repeat(rows[starts], np.diff(np.r_[starts, len(rows)]))
         linked = (anchor != rows) & is_train[anchor]
-        for r, a in zip(rows[linked], anchor[linked]):
-            r, a = int(r), int(a)
-            if r in found:
-                continue
-            score = similarity(signatures[r], signatures[a])
-            if score >= threshold:
-                found[r] = (a, score)
-    pairs += [Pair(r, a, "near", round(s, 4)) for r, (a, s) in sorted(found.items())]
-    return pairs
+        rows, anchor = rows[linked], anchor[linked]
+        scores = np.empty(len(rows), dtype=np.float32)
+        for at in range(0, len(rows), 65536):  # in chunks: 64k pairs x 128 slots compared at a time
+            part = slice(at, at + 65536)
+            scores[part] = (signatures[rows[part]] == signatures[anchor[part]]).mean(axis=1)
+        better = (scores >= threshold) & (scores > best_similarity[rows]) & (best_similarity[rows] < 1.0)
+        best_of[rows[better]] = anchor[better]
+        best_similarity[rows[better]] = scores[better]
+    found = np.flatnonzero(best_of >= 0)
+    return Duplicates(found, best_of[found], np.isin(found, order[exact]), np.round(best_similarity[found].astype(np.float64), 4))
 
 
 def _band_keys(slots: np.ndarray) -> np.ndarray:

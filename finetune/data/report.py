@@ -195,7 +195,7 @@ class Report:
                 "trained_tokens_kept": int(v["trained_kept"].sum()),
                 "trained_tokens_cut": int((v["trained"] - v["trained_kept"]).sum()),
             }
-        pairs = duplicates.find_duplicates(keys, signatures, self.is_train) if len(keys) else []
+        found = duplicates.find_duplicates(keys, signatures, self.is_train)
         summary = {
             "rows": len(self.origins),
             "max_length": limit,
@@ -203,8 +203,8 @@ class Report:
             "problems": facts.tally.problems[:SHOWN],
             "splits": splits,
             "batching": self._batching(),
-            "duplicates": self._duplicates(pairs),
-            "leakage": self._leakage(pairs),
+            "duplicates": self._duplicates(found),
+            "leakage": self._leakage(found),
             "labels": self._labels(labels),
             "samples": shown,
         }
@@ -240,27 +240,24 @@ class Report:
             out["padding_share"] = round(1.0 - float(shuffled.sum()) / padded, 4) if padded else 0.0
         return out
 
-    def _pair_record(self, pair) -> dict:
-        return {"row": self.origins[pair.row], "repeats": self.origins[pair.of], "kind": pair.kind, "similarity": pair.similarity}
+    def _pairs(self, found, where: np.ndarray) -> dict:
+        """Counts of the pairs whose row is in `where` (a mask over all rows), and the first `LISTED_PAIRS` named."""
+        chosen = where[found.rows]
+        rows, of, exact, similarity = found.rows[chosen], found.of[chosen], found.exact[chosen], found.similarity[chosen]
+        listed = [
+            {"row": self.origins[r], "repeats": self.origins[o], "kind": "exact" if e else "near", "similarity": float(s)}
+            for r, o, e, s in zip(rows[:LISTED_PAIRS], of[:LISTED_PAIRS], exact[:LISTED_PAIRS], similarity[:LISTED_PAIRS])
+        ]
+        return {"rows": int(len(rows)), "exact": int(exact.sum()), "near": int((~exact).sum()), "pairs": listed}
 
-    def _duplicates(self, pairs) -> dict:
-        within = [p for p in pairs if self.is_train[p.row]]
-        kinds = Counter(p.kind for p in within)
-        return {
-            "threshold": duplicates.THRESHOLD, "shingle_words": duplicates.SHINGLE, "permutations": duplicates.PERMUTATIONS,
-            "rows": len(within), "exact": kinds["exact"], "near": kinds["near"],
-            "pairs": [self._pair_record(p) for p in within[:LISTED_PAIRS]],
-        }
+    def _duplicates(self, found) -> dict:
+        return {"threshold": duplicates.THRESHOLD, "shingle_words": duplicates.SHINGLE,
+                "permutations": duplicates.PERMUTATIONS, **self._pairs(found, self.is_train)}
 
-    def _leakage(self, pairs) -> dict:
-        leaked = [p for p in pairs if not self.is_train[p.row]]
-        kinds = Counter(p.kind for p in leaked)
+    def _leakage(self, found) -> dict:
         held = int((~self.is_train).sum())
-        return {
-            "eval_rows": held, "rows": len(leaked), "exact": kinds["exact"], "near": kinds["near"],
-            "fraction": round(len(leaked) / held, 4) if held else 0.0,
-            "pairs": [self._pair_record(p) for p in leaked[:LISTED_PAIRS]],
-        }
+        section = self._pairs(found, ~self.is_train)
+        return {"eval_rows": held, **section, "fraction": round(section["rows"] / held, 4) if held else 0.0}
 
     def _labels(self, labels: dict) -> dict | None:
         if not any(labels.values()):

@@ -208,7 +208,7 @@ def jsonl_rows(path: Path, encoding: str | None = None, text: str | None = None)
     """(line number, object) of each non-blank line; a syntax error or a non-object names its line."""
     if text is None:
         text = decoded_text(path, path.read_bytes(), encoding)
-    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+    for number, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -218,6 +218,17 @@ def jsonl_rows(path: Path, encoding: str | None = None, text: str | None = None)
         if not isinstance(value, dict):
             raise DataError(f"{path}, line {number}: expected a JSON object, got {_json_type(value)}")
         yield number, value
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of `text`, split on "\\n" only (JSON strings may hold U+2028, which splitlines() splits on), one at
+    a time: a list of a million lines would hold the file's text a second time."""
+    start = 0
+    while start <= len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        yield text[start:end]
+        start = end + 1
 
 
 def _json_type(value) -> str:
