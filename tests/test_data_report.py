@@ -222,3 +222,51 @@ def test_train_prints_the_verdict_and_records_leakage(tiny_llama_dir, tmp_path, 
     saved = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
     assert saved["data_report"]["leakage"] == {"eval_rows": 14, "rows": 3, "exact": 2, "near": 1, "fraction": 0.2143}
     assert result.metrics["data_report"] == saved["data_report"]
+
+
+def test_pretraining_blocks_equal_what_training_packs(tmp_path):
+    from finetune.data.packing import Blocks, report_facts, tokenize_corpus
+    from finetune.data.text import Corpus
+    from finetune.models.tokenizer_training import train_bpe
+    from finetune.recipe import DataConfig
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    rng = random.Random(5)
+    texts = [" ".join(rng.choice(VOCAB[:200]) for _ in range(20 + 7 * i)) for i in range(12)]
+    for i, text in enumerate(texts):
+        (folder / f"{i:02d}.txt").write_text(text)
+    (folder / "12.txt").write_text(texts[0].upper())  # a training document again, in capitals: an exact duplicate
+    tokenizer = train_bpe(texts, 400)
+    config = DataConfig(train=[str(folder)], eval_fraction=0.25, max_length=16)
+    s = collect(report_facts(Corpus(config), tokenizer, 16, 4)).summary
+    tokens = tokenize_corpus(Corpus(config), tokenizer, tmp_path / "cache")
+    blocks = Blocks(tokens.train, 16)
+    assert s["splits"]["train"]["tokens"]["total"] == tokens.train.tokens
+    assert s["splits"]["eval"]["tokens"]["total"] == tokens.eval.tokens
+    assert s["batching"]["sequences"] == len(blocks) and s["batching"]["tokens_left_over"] == blocks.dropped
+    assert s["batching"]["batches_per_epoch"] == -(-len(blocks) // 4)
+    assert s["splits"]["train"]["truncated_rows"] == 0  # documents longer than a block are packed, not cut
+    assert s["duplicates"]["rows"] + s["leakage"]["rows"] == 1
+
+
+def test_a_bad_row_stops_with_the_message_validate_gives(tiny_llama_dir, tmp_path, tokenizer):
+    from finetune.errors import DataError
+    from finetune.tasks.sft import SFTTask
+
+    rows = [chat("hello", "hi"), {"messages": [{"role": "user", "content": "hello"}]}, chat("thanks", "please")]
+    train = write_jsonl(tmp_path / "bad.jsonl", rows)
+    recipe = validate_recipe(sft_recipe(tiny_llama_dir, tmp_path, data={"train": str(train)}))
+    with pytest.raises(DataError) as validate_error:
+        SFTTask.read_rows(recipe, recipe.data.train, tokenizer)
+    with pytest.raises(DataError) as report_error:
+        collect(SFTTask.data_facts(recipe, tokenizer))
+    assert str(report_error.value) == str(validate_error.value) == (
+        f"{train}, row 2: no non-empty assistant message to learn from  (set data.on_bad_row: skip to drop such rows "
+        "and count them)"
+    )
+    recipe = validate_recipe(sft_recipe(tiny_llama_dir, tmp_path, data={"train": str(train), "on_bad_row": "skip"}))
+    s = collect(SFTTask.data_facts(recipe, tokenizer)).summary
+    assert s["skipped_rows"] == 1 and s["splits"]["train"]["rows"] == 2
+    assert s["findings"][-1] == (f"1 unusable row is skipped (data.on_bad_row: skip); first: {train}, row 2: no "
+                                 "non-empty assistant message to learn from")

@@ -152,6 +152,10 @@ def _spread(values: np.ndarray) -> dict:
     }
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def _pct(part: float, whole: float) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else "0%"
 
@@ -277,7 +281,7 @@ class Report:
         leak = s["leakage"]
         if leak["rows"]:
             out.append(
-                f"{leak['rows']:,} held-out rows also appear in training ({100 * leak['fraction']:.1f}%: {leak['exact']:,} "
+                f"{_n(leak['rows'], 'held-out row')} also appear{'s' if leak['rows'] == 1 else ''} in training ({100 * leak['fraction']:.1f}%: {leak['exact']:,} "
                 f"exact, {leak['near']:,} near): the held-out loss will flatter the model"
             )
         out += facts.notes
@@ -293,18 +297,18 @@ class Report:
             if info["dropped_rows"]:
                 then = ("training stops on the first (data.on_bad_row: error)" if facts.drop_stops_training else
                         "training leaves them out")
-                out.append(f"{info['dropped_rows']:,} {where} rows ({_pct(info['dropped_rows'], info['rows'])}) have "
+                out.append(f"{_n(info['dropped_rows'], where + ' row')} ({_pct(info['dropped_rows'], info['rows'])}) {'has' if info['dropped_rows'] == 1 else 'have'} "
                            f"nothing to learn within data.max_length={limit}: {then}")
             if info["truncated_rows"]:
                 lost = info["trained_tokens_cut"] if facts.trains_on == "tokens" else info["tokens_cut"]
                 whole = info["trained_tokens"]["total"] if facts.trains_on == "tokens" else info["tokens"]["total"]
                 what = "trained tokens" if facts.trains_on == "tokens" else "tokens"
-                out.append(f"{info['truncated_rows']:,} {where} rows ({_pct(info['truncated_rows'], info['rows'])}) are "
+                out.append(f"{_n(info['truncated_rows'], where + ' row')} ({_pct(info['truncated_rows'], info['rows'])}) {'is' if info['truncated_rows'] == 1 else 'are'} "
                            f"longer than data.max_length={limit}: {lost:,} {what} ({_pct(lost, whole)}) are cut")
         dup = s["duplicates"]
         if dup["rows"]:
             train_rows = s["splits"]["train"]["rows"]
-            out.append(f"{dup['rows']:,} training rows ({_pct(dup['rows'], train_rows)}) repeat another training row "
+            out.append(f"{_n(dup['rows'], 'training row')} ({_pct(dup['rows'], train_rows)}) {'repeats' if dup['rows'] == 1 else 'repeat'} another training row "
                        f"({dup['exact']:,} exact, {dup['near']:,} near): they weigh double")
         if labels and labels["train"]:
             counts = labels["train"]
@@ -316,7 +320,7 @@ class Report:
             out.append(f"label(s) {', '.join(labels['only_in_train'])} have no held-out rows: the held-out score says "
                        "nothing about them")
         if s["skipped_rows"]:
-            out.append(f"{s['skipped_rows']:,} unusable rows are skipped (data.on_bad_row: skip); first: {s['problems'][0]}")
+            out.append(f"{_n(s['skipped_rows'], 'unusable row')} {'is' if s['skipped_rows'] == 1 else 'are'} skipped (data.on_bad_row: skip); first: {s['problems'][0]}")
         return out
 
     def _all_clear(self, s: dict) -> str:
