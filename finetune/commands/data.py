@@ -38,7 +38,7 @@ def data_command(recipe, path: str, out: Path, samples: int = 3) -> int:
     from finetune.data.report import collect, render_text, save_record
     from finetune.errors import FinetuneError
     from finetune.runtime import resolve_runtime
-    from finetune.tasks.registry import load_task
+    from finetune.registry import load_task
 
     runtime = resolve_runtime(recipe)
     check_recipe(recipe, runtime, source=path)  # every recipe problem at once, before a row is read
