@@ -270,3 +270,27 @@ def test_a_bad_row_stops_with_the_message_validate_gives(tiny_llama_dir, tmp_pat
     assert s["skipped_rows"] == 1 and s["splits"]["train"]["rows"] == 2
     assert s["findings"][-1] == (f"1 unusable row is skipped (data.on_bad_row: skip); first: {train}, row 2: no "
                                  "non-empty assistant message to learn from")
+
+
+def test_image_labels_per_split_and_a_copied_image(tmp_path):
+    import shutil
+
+    from finetune.data.images import prepare_image_data
+    from finetune.tasks.image_classification import ImageClassificationTask
+    from support import image_recipe, write_toy_images
+
+    images = write_toy_images(tmp_path / "images", per_class=8)
+    shutil.copy(images / "red" / "003.png", images / "red" / "100.png")  # the same image twice
+    recipe = validate_recipe(image_recipe(str(tmp_path / "model"), images, tmp_path / "out"))
+    s = collect(ImageClassificationTask.data_facts(recipe)).summary
+    data = prepare_image_data(recipe)
+    for split, rows in (("train", data.train_rows), ("eval", data.eval_rows)):
+        counts = {}
+        for row in rows:
+            counts[row["labels"][0]] = counts.get(row["labels"][0], 0) + 1
+        assert s["labels"][split] == counts
+    assert s["splits"]["train"]["rows"] + s["splits"]["eval"]["rows"] == 25 and s["splits"]["eval"]["rows"] == 6
+    assert s["duplicates"]["rows"] + s["leakage"]["rows"] == 1 and s["batching"]["mode"] == "images"
+    pair = (s["duplicates"]["pairs"] + s["leakage"]["pairs"])[0]
+    assert {pair["row"], pair["repeats"]} == {str(images / "red" / "003.png"), str(images / "red" / "100.png")}
+    assert pair["kind"] == "exact"

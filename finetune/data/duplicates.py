@@ -82,33 +82,34 @@ class Duplicates:
         return len(self.rows)
 
 
-def find_duplicates(keys: np.ndarray, signatures: np.ndarray, is_train: np.ndarray, threshold: float = THRESHOLD) -> Duplicates:
+def find_duplicates(
+    keys: np.ndarray, signatures: np.ndarray, is_train: np.ndarray, signed: np.ndarray | None = None,
+    threshold: float = THRESHOLD,
+) -> Duplicates:
     """Each row that repeats a training row: exactly (same `keys`) or nearly (signatures agreeing on at least
     `threshold` of their slots). A row is paired with the first training row of its group (its most similar one, for
     near duplicates), so k copies give k-1 pairs and a held-out row is paired with the training row it repeats.
-    Rows with a zero key (no text) are not compared. Memory: a few arrays of one value per row."""
+    Rows with a zero key (no text) are not compared, and only rows `signed` (with a signature: text, not an image's
+    bytes) are compared for near duplicates. Memory: a few arrays of one value per row."""
     count = len(keys)
     has_text = keys != 0
     # Exact: sort by key, training rows first, then by position: each group's anchor is its first training row.
     order = np.lexsort((np.arange(count), ~is_train, keys))
     order = order[has_text[order]]
-    sorted_keys = keys[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    anchors = np.repeat(order[starts], np.diff(np.r_[starts, len(order)]))
+    anchors = _first_of_group(order, keys[order])
     best_of = np.full(count, -1, dtype=np.int64)
     best_similarity = np.zeros(count, dtype=np.float32)
     exact = (anchors != order) & is_train[anchors]
     best_of[order[exact]] = anchors[exact]
     best_similarity[order[exact]] = 1.0
     # Near: every row with text but those already paired as exact copies of a training row, banded.
-    candidates = np.flatnonzero(has_text)
+    candidates = np.flatnonzero(has_text if signed is None else has_text & signed)
     candidates = candidates[np.isin(candidates, order[exact], invert=True)]
     for band in range(BANDS):
         band_keys = _band_keys(signatures[candidates, band * ROWS_PER_BAND : (band + 1) * ROWS_PER_BAND])
         local = np.lexsort((candidates, ~is_train[candidates], band_keys))
-        rows, sorted_band = candidates[local], band_keys[local]
-        starts = np.flatnonzero(np.r_[True, sorted_band[1:] != sorted_band[:-1]])
-        anchor = np.repeat(rows[starts], np.diff(np.r_[starts, len(rows)]))
+        rows = candidates[local]
+        anchor = _first_of_group(rows, band_keys[local])
         linked = (anchor != rows) & is_train[anchor]
         rows, anchor = rows[linked], anchor[linked]
         scores = np.empty(len(rows), dtype=np.float32)
@@ -120,6 +121,14 @@ def find_duplicates(keys: np.ndarray, signatures: np.ndarray, is_train: np.ndarr
         best_similarity[rows[better]] = scores[better]
     found = np.flatnonzero(best_of >= 0)
     return Duplicates(found, best_of[found], np.isin(found, order[exact]), np.round(best_similarity[found].astype(np.float64), 4))
+
+
+def _first_of_group(rows: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """For each of `rows` (sorted by `sorted_keys`), the first row with the same key."""
+    if not len(rows):
+        return rows
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    return np.repeat(rows[starts], np.diff(np.r_[starts, len(rows)]))
 
 
 def _band_keys(slots: np.ndarray) -> np.ndarray:

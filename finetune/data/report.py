@@ -97,7 +97,7 @@ class _Column:
 def collect(facts: DataFacts, samples: int = 3, dedupe: bool = True) -> Report:
     """Read every row of `facts` once and build the report."""
     columns = {name: _Column(np.int64) for name in ("tokens", "trained", "kept", "trained_kept")}
-    is_train, dropped, keys = _Column(bool), _Column(bool), _Column(np.uint64)
+    is_train, dropped, keys, signed = _Column(bool), _Column(bool), _Column(np.uint64), _Column(bool)
     signatures = _Column(np.uint16, duplicates.PERMUTATIONS)
     origins: list[str] = []
     labels = {split: Counter() for split in SPLITS}
@@ -115,16 +115,15 @@ def collect(facts: DataFacts, samples: int = 3, dedupe: bool = True) -> Report:
         text = row.text if dedupe else None
         key = row.key if row.key is not None else (duplicates.exact_key(text) if text is not None and text.strip() else 0)
         keys.append(key or 0)
-        if dedupe and text is not None and text.strip():
-            signatures.append(duplicates.signature(text))
-        else:
-            signatures.append(0)
+        has_signature = bool(dedupe and text is not None and text.strip())
+        signatures.append(duplicates.signature(text) if has_signature else 0)
+        signed.append(has_signature)
         if seen[row.split] < samples and row.ids is not None:
             seen[row.split] += 1
             shown.append(_render(row, facts))
     values = {name: column.values() for name, column in columns.items()}
-    return Report(facts, values, is_train.values(), dropped.values(), keys.values(), signatures.values(), origins,
-                  labels, shown)
+    return Report(facts, values, is_train.values(), dropped.values(), keys.values(), signatures.values(),
+                  signed.values(), origins, labels, shown)
 
 
 def _render(row: RowFacts, facts: DataFacts) -> dict:
@@ -163,13 +162,13 @@ def _pct(part: float, whole: float) -> str:
 class Report:
     """The figures of one data report (`summary`, JSON-ready) and the columns its histograms are drawn from."""
 
-    def __init__(self, facts, values, is_train, dropped, keys, signatures, origins, labels, shown):
+    def __init__(self, facts, values, is_train, dropped, keys, signatures, signed, origins, labels, shown):
         self.facts = facts
         self.values = values
         self.is_train = is_train
         self.dropped = dropped
         self.origins = origins
-        self.summary = self._summarise(keys, signatures, labels, shown)
+        self.summary = self._summarise(keys, signatures, signed, labels, shown)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Figures
@@ -178,7 +177,7 @@ class Report:
     def _split(self, split: str) -> np.ndarray:
         return self.is_train if split == "train" else ~self.is_train
 
-    def _summarise(self, keys, signatures, labels, shown) -> dict:
+    def _summarise(self, keys, signatures, signed, labels, shown) -> dict:
         facts, limit = self.facts, self.facts.max_length
         splits = {}
         for split in SPLITS:
@@ -199,7 +198,7 @@ class Report:
                 "trained_tokens_kept": int(v["trained_kept"].sum()),
                 "trained_tokens_cut": int((v["trained"] - v["trained_kept"]).sum()),
             }
-        found = duplicates.find_duplicates(keys, signatures, self.is_train)
+        found = duplicates.find_duplicates(keys, signatures, self.is_train, signed)
         summary = {
             "rows": len(self.origins),
             "max_length": limit,
