@@ -202,6 +202,7 @@ class Report:
         summary = {
             "rows": len(self.origins),
             "max_length": limit,
+            "trains_on": facts.trains_on,
             "skipped_rows": facts.tally.skipped,
             "problems": facts.tally.problems[:SHOWN],
             "splits": splits,
@@ -409,7 +410,8 @@ class Report:
                 counts = labels[split]
                 if counts:
                     ax.bar(x + offset, [counts.get(n, 0) for n in names_], width=0.4, label=split)
-            ax.set_xticks(x, names_, rotation=45 if len(names_) > 6 else 0, ha="right" if len(names_) > 6 else "center")
+            tilt = len(names_) * max(len(n) for n in names_) > 40  # names that would run into each other
+            ax.set_xticks(x, names_, rotation=30 if tilt else 0, ha="right" if tilt else "center")
             ax.set(ylabel="rows", title="labels per split")
             ax.legend(fontsize=8)
             fig.savefig(folder / "labels.png", dpi=90)
@@ -444,6 +446,22 @@ def _split_rows(summary: dict) -> list[tuple[str, ...]]:
 
 SPLIT_HEADER = ("split", "rows", "tokens median / p95 / max", "trained median / total", "rows cut", "rows dropped",
                 "trained tokens cut")
+LABEL_SPLIT_HEADER = SPLIT_HEADER[:-1] + ("tokens cut",)  # a classifier trains on its label: every token is read
+
+
+def _header(s: dict) -> tuple[str, ...]:
+    return SPLIT_HEADER if s["trains_on"] == "tokens" else LABEL_SPLIT_HEADER
+
+
+def _sample_title(s: dict, sample: dict) -> str:
+    label = f", label {', '.join(sample['labels'])}" if sample["labels"] else ""
+    return f"{sample['split']}, {sample['origin']}{label}"
+
+
+def _legend(s: dict, trained: str, cut: str) -> str:
+    if s["trains_on"] == "tokens":
+        return f"trained tokens {trained}; what data.max_length cuts {cut}"
+    return f"what the classifier reads; what data.max_length cuts {cut}"
 
 
 def _batching_line(b: dict) -> str:
@@ -460,7 +478,7 @@ def _batching_line(b: dict) -> str:
 def render_text(s: dict, samples: int = 2) -> str:
     """The report for the terminal: verdict, findings, lengths, duplicates and leakage, the first rows rendered."""
     lines = [f"Verdict: {s['verdict']}"] + [f"  - {f}" for f in s["findings"][1:]]
-    rows = [SPLIT_HEADER, *_split_rows(s)]
+    rows = [_header(s), *_split_rows(s)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(SPLIT_HEADER))]
     lines += [""] + ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines += [f"  max_length {s['max_length']}; {_batching_line(s['batching'])}"]
@@ -473,7 +491,7 @@ def render_text(s: dict, samples: int = 2) -> str:
         names = sorted(set(labels["train"]) | set(labels["eval"]), key=str)
         lines += ["  labels (train/eval): " + ", ".join(f"{n} {labels['train'].get(n, 0)}/{labels['eval'].get(n, 0)}" for n in names)]
     for sample in s["samples"][:samples]:
-        lines += ["", f"{sample['split']}, {sample['origin']} (trained tokens in [[ ]]):", plain_sample(sample)]
+        lines += ["", f"{_sample_title(s, sample)} ({_legend(s, 'in [[ ]]', 'in <<cut: >>')}):", plain_sample(sample)]
     return "\n".join(lines)
 
 
@@ -481,7 +499,7 @@ def render_markdown(s: dict) -> str:
     lines = [f"# Data report: {s['title']}", "", f"**Verdict:** {s['verdict']}", ""]
     if s["findings"]:
         lines += [f"- {f}" for f in s["findings"]] + [""]
-    lines += ["## Lengths", "", "| " + " | ".join(SPLIT_HEADER) + " |", "|" + " --- |" * len(SPLIT_HEADER)]
+    lines += ["## Lengths", "", "| " + " | ".join(_header(s)) + " |", "|" + " --- |" * len(SPLIT_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in _split_rows(s)]
     lines += ["", f"max_length: {s['max_length']}. Batches: {_batching_line(s['batching'])}.", ""]
     lines += [f"![{name}]({name})" for name in s.get("histograms", [])] + [""]
@@ -505,11 +523,9 @@ def render_markdown(s: dict) -> str:
             lines.append(f"| {name} | {labels['train'].get(name, 0):,} | {labels['eval'].get(name, 0):,} |")
         lines.append("")
     if s["samples"]:
-        lines += ["## The first rows as the model sees them", "", "Trained tokens between `[[` and `]]`; what "
-                  "data.max_length cuts in `<<cut: ...>>`.", ""]
+        lines += ["## The first rows as the model sees them", "", _legend(s, "between `[[` and `]]`", "in `<<cut: ...>>`") + ".", ""]
         for sample in s["samples"]:
-            label = f" (label {', '.join(sample['labels'])})" if sample["labels"] else ""
-            lines += [f"**{sample['split']}**, {sample['origin']}{label}:", "", "```", plain_sample(sample), "```", ""]
+            lines += [f"**{_sample_title(s, sample)}**:", "", "```", plain_sample(sample), "```", ""]
     if s["problems"]:
         lines += ["## Unusable rows", ""] + [f"- {p}" for p in s["problems"]] + [""]
     return "\n".join(lines)
@@ -540,7 +556,7 @@ def render_html(s: dict) -> str:
     ]
     if s["findings"]:
         parts.append("<ul>" + "".join(f"<li>{e(f)}</li>" for f in s["findings"]) + "</ul>")
-    parts += ["<h2>Lengths</h2>", _table(SPLIT_HEADER, _split_rows(s)),
+    parts += ["<h2>Lengths</h2>", _table(_header(s), _split_rows(s)),
               f"<p>max_length: {e(str(s['max_length']))}. Batches: {e(_batching_line(s['batching']))}.</p>"]
     parts += [f'<p><img src="{e(name)}" alt="{e(name)}"></p>' for name in s.get("histograms", [])]
     dup, leak = s["duplicates"], s["leakage"]
@@ -561,12 +577,12 @@ def render_html(s: dict) -> str:
                                             [(n, labels["train"].get(n, 0), labels["eval"].get(n, 0)) for n in names])]
     if s["samples"]:
         parts += ["<h2>The first rows as the model sees them</h2>",
-                  '<p><span class="trained">trained tokens</span>, <span class="context">context</span>, '
-                  '<span class="cut">cut by max_length</span></p>']
+                  ('<p><span class="trained">trained tokens</span>, <span class="context">context</span>, '
+                   if s["trains_on"] == "tokens" else '<p><span class="context">what the classifier reads</span>, ')
+                  + '<span class="cut">cut by max_length</span></p>']
         for sample in s["samples"]:
-            label = f" (label {e(', '.join(sample['labels']))})" if sample["labels"] else ""
             spans = "".join(f'<span class="{state}">{e(text)}</span>' for text, state in sample["segments"])
-            parts += [f"<h3>{e(sample['split'])}, {e(sample['origin'])}{label}</h3>", f"<pre>{spans}</pre>"]
+            parts += [f"<h3>{e(_sample_title(s, sample))}</h3>", f"<pre>{spans}</pre>"]
     if s["problems"]:
         parts += ["<h2>Unusable rows</h2>", "<ul>" + "".join(f"<li>{e(p)}</li>" for p in s["problems"]) + "</ul>"]
     parts += ["</body>", "</html>", ""]
