@@ -126,9 +126,14 @@ def collect(facts: DataFacts, samples: int = 3, dedupe: bool = True) -> Report:
                   signed.values(), origins, labels, shown)
 
 
+RENDERED = 1024  # tokens of a row rendered at most (a pretraining document may hold a book)
+
+
 def _render(row: RowFacts, facts: DataFacts) -> dict:
-    """The row as the model sees it: runs of tokens that are trained, context, or cut by max_length, decoded."""
+    """The row as the model sees it: runs of tokens that are trained, context, or cut by max_length, decoded (the
+    first `RENDERED` tokens)."""
     limit = facts.max_length if facts.max_length is not None else len(row.ids)
+    row = RowFacts(**{**row.__dict__, "ids": row.ids[:RENDERED]})
     states = [
         "cut" if (i >= limit or row.dropped) else ("trained" if row.trained_mask and row.trained_mask[i] else "context")
         for i in range(len(row.ids))
@@ -449,6 +454,14 @@ SPLIT_HEADER = ("split", "rows", "tokens median / p95 / max", "trained median / 
 LABEL_SPLIT_HEADER = SPLIT_HEADER[:-1] + ("tokens cut",)  # a classifier trains on its label: every token is read
 
 
+def _row_counts(s: dict) -> str:
+    return ", ".join(f"{split} {info['rows']:,} rows" for split, info in s["splits"].items())
+
+
+def _has_tokens(s: dict) -> bool:
+    return s["batching"]["mode"] != "images"
+
+
 def _header(s: dict) -> tuple[str, ...]:
     return SPLIT_HEADER if s["trains_on"] == "tokens" else LABEL_SPLIT_HEADER
 
@@ -480,8 +493,11 @@ def render_text(s: dict, samples: int = 2) -> str:
     lines = [f"Verdict: {s['verdict']}"] + [f"  - {f}" for f in s["findings"][1:]]
     rows = [_header(s), *_split_rows(s)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(SPLIT_HEADER))]
-    lines += [""] + ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines += [f"  max_length {s['max_length']}; {_batching_line(s['batching'])}"]
+    if _has_tokens(s):
+        lines += [""] + ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines += [f"  max_length {s['max_length']}; {_batching_line(s['batching'])}"]
+    else:
+        lines += ["", f"  {_row_counts(s)}; {_batching_line(s['batching'])}"]
     dup, leak = s["duplicates"], s["leakage"]
     lines += [f"  duplicates in training: {dup['rows']:,} ({dup['exact']:,} exact, {dup['near']:,} near); held-out rows "
               f"repeating training rows: {leak['rows']:,} of {leak['eval_rows']:,}"]
@@ -499,9 +515,12 @@ def render_markdown(s: dict) -> str:
     lines = [f"# Data report: {s['title']}", "", f"**Verdict:** {s['verdict']}", ""]
     if s["findings"]:
         lines += [f"- {f}" for f in s["findings"]] + [""]
-    lines += ["## Lengths", "", "| " + " | ".join(_header(s)) + " |", "|" + " --- |" * len(SPLIT_HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in _split_rows(s)]
-    lines += ["", f"max_length: {s['max_length']}. Batches: {_batching_line(s['batching'])}.", ""]
+    if _has_tokens(s):
+        lines += ["## Lengths", "", "| " + " | ".join(_header(s)) + " |", "|" + " --- |" * len(SPLIT_HEADER)]
+        lines += ["| " + " | ".join(row) + " |" for row in _split_rows(s)]
+        lines += ["", f"max_length: {s['max_length']}. Batches: {_batching_line(s['batching'])}.", ""]
+    else:
+        lines += ["## Rows", "", f"{_row_counts(s)}. Batches: {_batching_line(s['batching'])}.", ""]
     lines += [f"![{name}]({name})" for name in s.get("histograms", [])] + [""]
     dup, leak = s["duplicates"], s["leakage"]
     lines += [
@@ -556,8 +575,11 @@ def render_html(s: dict) -> str:
     ]
     if s["findings"]:
         parts.append("<ul>" + "".join(f"<li>{e(f)}</li>" for f in s["findings"]) + "</ul>")
-    parts += ["<h2>Lengths</h2>", _table(_header(s), _split_rows(s)),
-              f"<p>max_length: {e(str(s['max_length']))}. Batches: {e(_batching_line(s['batching']))}.</p>"]
+    if _has_tokens(s):
+        parts += ["<h2>Lengths</h2>", _table(_header(s), _split_rows(s)),
+                  f"<p>max_length: {e(str(s['max_length']))}. Batches: {e(_batching_line(s['batching']))}.</p>"]
+    else:
+        parts += ["<h2>Rows</h2>", f"<p>{e(_row_counts(s))}. Batches: {e(_batching_line(s['batching']))}.</p>"]
     parts += [f'<p><img src="{e(name)}" alt="{e(name)}"></p>' for name in s.get("histograms", [])]
     dup, leak = s["duplicates"], s["leakage"]
     parts += [
