@@ -294,3 +294,19 @@ def test_image_labels_per_split_and_a_copied_image(tmp_path):
     pair = (s["duplicates"]["pairs"] + s["leakage"]["pairs"])[0]
     assert {pair["row"], pair["repeats"]} == {str(images / "red" / "003.png"), str(images / "red" / "100.png")}
     assert pair["kind"] == "exact"
+
+
+def test_train_reuses_the_record_of_finetune_data(tiny_llama_dir, tmp_path, tokenizer):
+    from finetune.data.report import run_record, save_record
+    from finetune.tasks.sft import SFTTask
+
+    train, held, _, _ = planted(tmp_path)
+    recipe, report = sft_report(tiny_llama_dir, tmp_path, tokenizer, train=str(train), eval=str(held))
+    save_record(recipe, tokenizer, report)
+    assert run_record(recipe, lambda: pytest.fail("the data was read again"), tokenizer) == report.record()
+    faster = validate_recipe(sft_recipe(tiny_llama_dir, tmp_path, data={"train": str(train), "eval": str(held)},
+                                        train={"learning_rate": 0.5}))
+    assert run_record(faster, lambda: pytest.fail("the data was read again"), tokenizer) == report.record()
+    write_jsonl(held, [chat("hello", "hi")])  # new bytes: read again
+    record = run_record(recipe, lambda: SFTTask.data_facts(recipe, tokenizer), tokenizer)
+    assert record["leakage"] == {"eval_rows": 1, "rows": 0, "exact": 0, "near": 0, "fraction": 0.0}

@@ -640,8 +640,8 @@ def _key(recipe, tokenizer) -> str | None:
 
 
 def record_key(recipe, tokenizer_key: str | None) -> str | None:
-    """What a report's figures depend on: every data file's bytes, the recipe (less where outputs go and what is
-    evaluated), the tokenizer and this code. None when a source is not a local file (a hub dataset, a folder)."""
+    """What a report's figures depend on: every data file's bytes, the recipe's task, model, data and task sections
+    and micro-batch size, the tokenizer and this code. None when a source is not a local file (a hub dataset, a folder)."""
     digests = []
     for source in [*recipe.data.train, *(recipe.data.eval or [])]:
         try:
@@ -651,8 +651,11 @@ def record_key(recipe, tokenizer_key: str | None) -> str | None:
         if path is None or not path.is_file():
             return None
         digests.append(file_digest(path))
-    options = recipe.model_dump(mode="json", exclude={"output", "eval"})
-    return fingerprint("data-report", code_digest(__file__, duplicates.__file__), options, digests, tokenizer_key)
+    # The sections that shape rows, tokens and batches; not the optimizer, adapter, outputs or evaluation.
+    options = recipe.model_dump(mode="json", include={"task", "model", "data", "classification", "image", "pretrain"})
+    options["micro_batch_size"] = recipe.train.micro_batch_size
+    code = code_digest(*sorted(Path(__file__).parent.glob("*.py")))  # all of data/: reading, templating, masking
+    return fingerprint("data-report", code, options, digests, tokenizer_key)
 
 
 def cached_record(folder: Path, key: str | None, build: Callable[[], Report]) -> dict:
