@@ -447,8 +447,7 @@ def _row_facts(config: DataConfig, tokenizer, tally):
     for split, sources in groups:
         count = 0
         for index, (origin, row) in enumerate(_usable(sources, config, chat, tally)):
-            if count == 0:
-                needs_chat_template([row], tokenizer)
+            needs_chat_template([row], tokenizer)
             count += 1
             yield row_facts(row, origin, "eval" if index in held else split, tokenizer, config)
         if not count:
