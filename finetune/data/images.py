@@ -91,9 +91,10 @@ def _image_value(value, column: str, base: Path):
     raise ValueError(f"'{column}' must be an image file path or the image's bytes, got {type(value).__name__}")
 
 
-def load_image_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | None = None) -> Rows:
+def load_image_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | None = None, decode: bool = True) -> Rows:
     """Read every row and decode every image once; a bad row raises with its file and row (or is skipped and
-    counted, per `data.on_bad_row`). Rows are {image, labels, origin}."""
+    counted, per `data.on_bad_row`). Rows are {image, labels, origin}. `decode=False` (the data report, which
+    training's own reading precedes or follows) checks the image's path or bytes only: images are decoded once."""
     import datasets
 
     from finetune.data.rows import is_local, local_path, read_source
@@ -123,7 +124,10 @@ def load_image_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | 
 
             def build(row=row, origin=origin) -> dict:
                 image = _image_value(row.get(image_column), image_column, base)
-                open_image(image, origin)
+                if decode:
+                    open_image(image, origin)
+                elif isinstance(image, str) and not Path(image).is_file():
+                    raise ValueError(f"image file not found: {image}")
                 return {"image": image, "labels": (_label(row.get(label_column), label_column),), "origin": origin}
 
             out.add(origin, build, on_bad_row)
@@ -312,19 +316,19 @@ class FeatureDataset:
 
 
 def report_facts(recipe: Recipe):
-    """The rows as `prepare_image_data` reads them (each image decoded once, as there), for the data report: labels
-    per split, and exact duplicates by the image file's bytes."""
+    """The rows as `prepare_image_data` reads them, for the data report: labels per split, and exact duplicates by
+    the image file's bytes. Images are not decoded here (training and `finetune validate --data` decode each once)."""
     import hashlib
 
     from finetune.data.report import DataFacts, RowFacts, Tally
     from finetune.data.rows import held_out_order
 
     data = recipe.data
-    train = load_image_rows(data.train, recipe)
+    train = load_image_rows(data.train, recipe, decode=False)
     tally = Tally(train.skipped, list(train.problems))
     rows = [(row, "train") for row in train.rows]
     if data.eval:
-        held = load_image_rows(data.eval, recipe)
+        held = load_image_rows(data.eval, recipe, decode=False)
         tally.skipped += held.skipped
         tally.problems += held.problems
         rows += [(row, "eval") for row in held.rows]
