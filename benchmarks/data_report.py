@@ -2,6 +2,7 @@
 Target: minutes, and a peak RSS under 2 GiB (the report keeps numpy columns per row, never the rows).
 
     nice .venv/bin/python -m benchmarks.data_report [--rows 1000000] [--eval-fraction 0.02] [--out results.json]
+    nice .venv/bin/python -m benchmarks.data_report --search-only      # the duplicate search alone, synthetic rows
 
 The file is `benchmarks.data_prep.write_chat_file`'s: chatterbot-corpus dialogs, one to three chained per row,
 numbered so no two rows are the same text. Many rows share a dialog, so near duplicates abound: the worst case for
@@ -24,12 +25,39 @@ from benchmarks.data_prep import link_converted_models, write_chat_file
 RECIPE = REPO / "recipes" / "llama_lora.yaml"
 
 
+def search_only(rows: int) -> None:
+    """The duplicate search alone on `rows` synthetic signatures: copies of 300 signatures, each slot redrawn with
+    probability 0.1 (similarity ~0.8 within a group: huge candidate groups), 2% held out; prints its time."""
+    import time
+
+    import numpy as np
+
+    from finetune.data.duplicates import PERMUTATIONS, find_duplicates
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**16, size=(300, PERMUTATIONS), dtype=np.uint16)
+    signatures = base[rng.integers(0, 300, rows)]
+    for start in range(0, rows, 65536):
+        part = signatures[start : start + 65536]
+        redraw = rng.random(part.shape) < 0.1
+        part[redraw] = rng.integers(0, 2**16, size=int(redraw.sum()), dtype=np.uint16)
+    keys = rng.integers(1, 2**63, size=rows, dtype=np.uint64)
+    is_train = rng.random(rows) > 0.02
+    start = time.perf_counter()
+    found = find_duplicates(keys, signatures, is_train)
+    print(f"duplicate search: {rows:,} rows in {time.perf_counter() - start:.1f} s, {len(found):,} paired")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--search-only", action="store_true", help="time the duplicate search alone, on synthetic signatures")
     parser.add_argument("--eval-fraction", type=float, default=0.02)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/data_report.json)")
     args = parser.parse_args(argv)
+    if args.search_only:
+        search_only(args.rows)
+        return 0
 
     info = machine()
     print(f"`finetune data` on {args.rows:,} chat rows; {info['cpu']}, {info['cores']} cores, load average "
