@@ -78,7 +78,7 @@ def test_planted_duplicates_and_leakage_found_exactly(tiny_llama_dir, tmp_path, 
     assert s["verdict"] == (
         "3 held-out rows also appear in training (21.4%: 2 exact, 1 near): the held-out loss will flatter the model"
     )
-    assert "3 training rows (6.8%) repeat another training row (2 exact, 1 near): they weigh double" in s["findings"]
+    assert "3 training rows repeat another training row (6.8%: 2 exact, 1 near): they weigh double" in s["findings"]
 
 
 def test_clean_data_has_no_duplicates_and_an_ok_verdict(tiny_llama_dir, tmp_path, tokenizer):
@@ -118,7 +118,8 @@ def test_truncation_counts_and_trained_tokens_equal_what_training_keeps(tiny_lla
         assert info["trained_tokens_kept"] == sum(sum(t != IGNORE_INDEX for t in labels) for labels in ds["labels"])
     assert s["splits"]["train"]["dropped_rows"] + s["splits"]["eval"]["dropped_rows"] == skipped == 4
     assert s["splits"]["train"]["truncated_rows"] + s["splits"]["eval"]["truncated_rows"] == 6
-    assert any("nothing to learn within data.max_length=24: training leaves them out" in f for f in s["findings"])
+    dropped = [f for f in s["findings"] if "nothing to learn within data.max_length=24 (" in f]
+    assert dropped and all(f.endswith("of the split): training leaves them out") for f in dropped)
     # The rendered rows: the trained tokens are those the training labels mark, in order.
     shown = [sample for sample in s["samples"] if sample["split"] == "train" and not sample["dropped"]]
     assert len(shown) >= 5

@@ -156,8 +156,10 @@ def _spread(values: np.ndarray) -> dict:
     }
 
 
-def _n(count: int, noun: str) -> str:
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+def _n(count: int, noun: str, verbs: str = "") -> str:
+    """"1 row is" / "3 rows are": `count` `noun`s and the verb that agrees (`verbs` is "singular|plural")."""
+    one, many = verbs.split("|") if verbs else ("", "")
+    return f"{count:,} {noun}{'' if count == 1 else 's'} {one if count == 1 else many}".rstrip()
 
 
 def _pct(part: float, whole: float) -> str:
@@ -286,35 +288,36 @@ class Report:
         leak = s["leakage"]
         if leak["rows"]:
             out.append(
-                f"{_n(leak['rows'], 'held-out row')} also appear{'s' if leak['rows'] == 1 else ''} in training ({100 * leak['fraction']:.1f}%: {leak['exact']:,} "
-                f"exact, {leak['near']:,} near): the held-out loss will flatter the model"
+                f"{_n(leak['rows'], 'held-out row', 'also appears|also appear')} in training ({100 * leak['fraction']:.1f}%: "
+                f"{leak['exact']:,} exact, {leak['near']:,} near): the held-out loss will flatter the model"
             )
         out += facts.notes
         labels = s["labels"]
         if labels and labels["only_in_eval"]:
             out.append(f"label(s) {', '.join(labels['only_in_eval'])} occur only in the held-out rows: the model has "
                        "no class for them (training stops on them)")
+        tokens = facts.trains_on == "tokens"
         for split in SPLITS:
             info = s["splits"].get(split)
             if info is None:
                 continue
-            where = "training" if split == "train" else "held-out"
+            where = ("training" if split == "train" else "held-out") + " row"
             if info["dropped_rows"]:
                 then = ("training stops on the first (data.on_bad_row: error)" if facts.drop_stops_training else
                         "training leaves them out")
-                out.append(f"{_n(info['dropped_rows'], where + ' row')} ({_pct(info['dropped_rows'], info['rows'])}) {'has' if info['dropped_rows'] == 1 else 'have'} "
-                           f"nothing to learn within data.max_length={limit}: {then}")
+                out.append(f"{_n(info['dropped_rows'], where, 'has|have')} nothing to learn within data.max_length="
+                           f"{limit} ({_pct(info['dropped_rows'], info['rows'])} of the split): {then}")
             if info["truncated_rows"]:
-                lost = info["trained_tokens_cut"] if facts.trains_on == "tokens" else info["tokens_cut"]
-                whole = info["trained_tokens"]["total"] if facts.trains_on == "tokens" else info["tokens"]["total"]
-                what = "trained tokens" if facts.trains_on == "tokens" else "tokens"
-                out.append(f"{_n(info['truncated_rows'], where + ' row')} ({_pct(info['truncated_rows'], info['rows'])}) {'is' if info['truncated_rows'] == 1 else 'are'} "
-                           f"longer than data.max_length={limit}: {lost:,} {what} ({_pct(lost, whole)}) are cut")
+                lost = info["trained_tokens_cut"] if tokens else info["tokens_cut"]
+                whole = info["trained_tokens"]["total"] if tokens else info["tokens"]["total"]
+                out.append(f"{_n(info['truncated_rows'], where, 'is|are')} longer than data.max_length={limit} "
+                           f"({_pct(info['truncated_rows'], info['rows'])}): {lost:,} {'trained ' if tokens else ''}tokens "
+                           f"({_pct(lost, whole)}) are cut")
         dup = s["duplicates"]
         if dup["rows"]:
-            train_rows = s["splits"]["train"]["rows"]
-            out.append(f"{_n(dup['rows'], 'training row')} ({_pct(dup['rows'], train_rows)}) {'repeats' if dup['rows'] == 1 else 'repeat'} another training row "
-                       f"({dup['exact']:,} exact, {dup['near']:,} near): they weigh double")
+            out.append(f"{_n(dup['rows'], 'training row', 'repeats|repeat')} another training row "
+                       f"({_pct(dup['rows'], s['splits']['train']['rows'])}: {dup['exact']:,} exact, {dup['near']:,} near): "
+                       "they weigh double")
         if labels and labels["train"]:
             counts = labels["train"]
             most, least = max(counts, key=counts.get), min(counts, key=counts.get)
@@ -325,7 +328,8 @@ class Report:
             out.append(f"label(s) {', '.join(labels['only_in_train'])} have no held-out rows: the held-out score says "
                        "nothing about them")
         if s["skipped_rows"]:
-            out.append(f"{_n(s['skipped_rows'], 'unusable row')} {'is' if s['skipped_rows'] == 1 else 'are'} skipped (data.on_bad_row: skip); first: {s['problems'][0]}")
+            out.append(f"{_n(s['skipped_rows'], 'unusable row', 'is|are')} skipped (data.on_bad_row: skip); "
+                       f"first: {s['problems'][0]}")
         return out
 
     def _all_clear(self, s: dict) -> str:
