@@ -26,6 +26,7 @@ import numpy as np
 from finetune.data import duplicates
 from finetune.data.cache import code_digest, file_digest, fingerprint, read_json, write_json
 from finetune.data.rows import is_local, local_path
+from finetune.errors import FinetuneError
 
 SPLITS = ("train", "eval")
 LISTED_PAIRS = 1000  # pairs kept in data_report.json (all are counted); the markdown and HTML show the first 20
@@ -650,7 +651,7 @@ def record_key(recipe, tokenizer_key: str | None) -> str | None:
     for source in [*recipe.data.train, *(recipe.data.eval or [])]:
         try:
             path = local_path(source) if is_local(source) else None
-        except Exception:  # noqa: BLE001 - a package that is not installed: reading the rows says so
+        except FinetuneError:  # a package that is not installed: reading the rows says so
             return None
         if path is None or not path.is_file():
             return None
