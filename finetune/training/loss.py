@@ -22,17 +22,18 @@ def supports_positions(model) -> bool:
     return "logits_to_keep" in inspect.signature(forward).parameters
 
 
-def completion_loss(model, inputs: dict, num_items_in_batch=None):
+def completion_loss(model, inputs: dict, num_items_in_batch=None, positions=None):
     """(summed cross-entropy over the labelled positions / the label count, logits of those positions, their
     targets). `num_items_in_batch` is the label count over all micro-batches of the step, as the Trainer passes it
-    for gradient accumulation; without it, this batch's own count."""
+    for gradient accumulation; without it, this batch's own count. `positions`: the labelled positions, as the
+    collator found them on the host (data/batches.py); found here otherwise, with a host read on a GPU."""
     import torch
     import torch.nn.functional as F
 
     labels = inputs["labels"]
     targets = labels[:, 1:]
     # Position t predicts token t+1: keep the columns where some row has a target next.
-    keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    keep = positions if positions is not None else (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
     if keep.numel() == 0:  # nothing to learn in this batch: a differentiable zero from one position
         keep = torch.zeros(1, dtype=torch.long, device=labels.device)
     forward = {k: v for k, v in inputs.items() if k != "labels"}
