@@ -9,6 +9,7 @@ import importlib.util
 
 from finetune.errors import FinetuneError, RecipeError
 from finetune.recipe import Recipe
+from finetune.registry import traits
 from finetune.runtime import Runtime
 
 
@@ -27,8 +28,7 @@ def recipe_problems(recipe: Recipe, runtime: Runtime, data: bool = True) -> list
     if data:
         problems += _model_problems(recipe)
         problems += _data_source_problems(recipe)
-        if recipe.task == "pretrain":
-            problems += _pretrain_problems(recipe)
+        problems += _document_problems(recipe)
     return problems
 
 
@@ -85,7 +85,7 @@ def _deepspeed_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
     except FinetuneError as exc:
         return [str(exc)]
     problems = deepspeed_problems(recipe, config, has_cuda=runtime.device == "cuda")
-    if zero_stage(config) == 3 and runtime.world_size > 1 and recipe.eval.prompts and recipe.task in ("sft", "pretrain"):
+    if zero_stage(config) == 3 and runtime.world_size > 1 and recipe.eval.prompts and traits(recipe.task).generates:
         # Measured: a 2-process ZeRO-3 run with eval.prompts trained, then waited forever in the main process's
         # generation, whose forward passes gather weights the other processes never offer.
         problems.append(
@@ -99,7 +99,7 @@ def _deepspeed_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
 def _model_problems(recipe: Recipe) -> list[str]:
     """A local model folder that is not a model (no config.json, no weights, pickled weights only); hub ids are
     checked when loaded."""
-    if recipe.task == "image_classification":  # a timm name, a package's function, or a config + plain state dict
+    if traits(recipe.task).inputs == "images":  # a timm name, a package's function, or a config + plain state dict
         from finetune.models.vision import vision_problems
 
         return vision_problems(recipe)
@@ -143,7 +143,7 @@ def model_config_problems(recipe: Recipe) -> list[str]:
     # Only a length the recipe sets: the default (1024) is for the usual 2k+ contexts, and classification caps it at
     # a BERT-style model's 512 positions with a warning (tasks/classification.py). Pretraining fills every block to
     # max_length, so there the default must fit too.
-    explicit = "max_length" in recipe.data.model_fields_set or recipe.task == "pretrain"
+    explicit = "max_length" in recipe.data.model_fields_set or traits(recipe.task).fills_context
     if context and explicit and recipe.data.max_length > context[1]:
         problems.append(
             f"data.max_length: {recipe.data.max_length} is longer than the model reads ({context[0]} is {context[1]} "
@@ -171,13 +171,20 @@ def head_problems(recipe: Recipe, labels: list[str]) -> list[str]:
     ]
 
 
-def _pretrain_problems(recipe: Recipe) -> list[str]:
-    """Sources pretraining cannot read (hub datasets, other file types), and what the model's config.json shows:
-    heads that do not divide the hidden size, a data.max_length past its position embeddings."""
-    from finetune.data.text import corpus_problems
-    from finetune.models.architecture import architecture_problems
+def _document_problems(recipe: Recipe) -> list[str]:
+    """For a task that reads documents: sources it cannot read (hub datasets, other file types). For one that may
+    build a model: what its config shows (heads that do not divide the hidden size, a data.max_length past its
+    position embeddings)."""
+    task, problems = traits(recipe.task), []
+    if task.documents:
+        from finetune.data.text import corpus_problems
 
-    return corpus_problems(recipe.data) + architecture_problems(recipe)
+        problems += corpus_problems(recipe.data)
+    if task.new_model:
+        from finetune.models.architecture import architecture_problems
+
+        problems += architecture_problems(recipe)
+    return problems
 
 
 def _data_source_problems(recipe: Recipe) -> list[str]:

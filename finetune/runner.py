@@ -17,7 +17,7 @@ from finetune.evaluation.side_by_side import check_eval_settings
 from finetune.models.parameters import count_parameters, dtype_bytes
 from finetune.recipe import Recipe
 from finetune.runtime import Runtime, apply_threads, resolve_runtime
-from finetune.tasks.registry import load_task
+from finetune.registry import load_task
 from finetune.training.arguments import training_arguments
 from finetune.training.callbacks import run_callbacks
 from finetune.training.checkpoints import ResumePoint, claim_output_dir

@@ -16,7 +16,7 @@ from benchmarks.gpu_check import checks
 from finetune.checks import check_recipe
 from finetune.commands.launch import add_arguments
 from finetune.distributed.guards import check_one_process_per_gpu
-from finetune.distributed.launch import build_plan
+from finetune.launcher import build_plan
 from finetune.errors import FinetuneError
 from finetune.recipe import load_recipe
 from finetune.runtime import resolve_runtime

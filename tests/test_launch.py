@@ -20,7 +20,7 @@ import pytest
 from finetune.cli import main as cli_main
 from finetune.errors import FinetuneError, RecipeError
 from finetune.commands.launch import add_arguments
-from finetune.distributed.launch import RUN_SCRIPT, build_plan, check_hosts, dry_run_text, node_command, node_environment, parse_hostfile, slurm_script
+from finetune.launcher import RUN_SCRIPT, build_plan, check_hosts, dry_run_text, node_command, node_environment, parse_hostfile, slurm_script
 from support import free_port
 
 REPO = Path(__file__).resolve().parent.parent

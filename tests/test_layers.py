@@ -9,14 +9,15 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "finetune"
 
-# Lowest first. A module belongs to the longest prefix listed; it may import its own layer and those below.
+# Lowest first. Each entry is a whole folder or a top-level module, so a path says its layer; a module may import its
+# own layer and those below.
 LAYERS = [
-    ["finetune.dtypes", "finetune.errors", "finetune.notices", "finetune.tasks.registry", "finetune.tiny"],
+    ["finetune.dtypes", "finetune.errors", "finetune.notices", "finetune.registry", "finetune.tiny"],
     ["finetune.paths", "finetune.recipe"],
     ["finetune.runtime"],
-    ["finetune.models", "finetune.data", "finetune.metrics", "finetune.distributed.guards", "finetune.distributed.zero"],
+    ["finetune.models", "finetune.data", "finetune.metrics", "finetune.distributed"],
     ["finetune.checks", "finetune.training", "finetune.merge"],
-    ["finetune.tasks", "finetune.evaluation", "finetune.distributed.launch"],
+    ["finetune.tasks", "finetune.evaluation", "finetune.launcher"],
     ["finetune.runner"],
     ["finetune.commands", "finetune.cli", "finetune.run"],
 ]
@@ -75,6 +76,17 @@ def test_every_module_has_a_layer():
     assert len(names) > 40, sorted(names)  # the walk really found the package
     for name in names:
         layer_of(name)
+
+
+def test_folders_and_layers_agree():
+    """A layer names whole folders and top-level modules, never a module inside a folder: a file sits in its layer's
+    folder, so the folder map and the layer map cannot disagree (a layer-0 registry inside the layer-5 `tasks/`)."""
+    entries = [prefix for layer in LAYERS for prefix in layer]
+    assert len(entries) == len(set(entries)), entries
+    for prefix in entries:
+        name = prefix.removeprefix("finetune.")
+        assert "." not in name, f"{prefix}: a module inside a folder; move it to its layer's folder or the top level"
+        assert (PACKAGE / name).is_dir() or (PACKAGE / f"{name}.py").is_file(), f"{prefix}: no such folder or module"
 
 
 def test_no_module_imports_a_higher_layer():

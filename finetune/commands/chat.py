@@ -6,6 +6,7 @@ import argparse
 
 from finetune.commands.common import recipe_key_help, run_recipe
 from finetune.errors import FinetuneError
+from finetune.registry import traits
 
 HELP = "Answer prompts with a finished SFT run's adapter (or its base, with --base)."
 
@@ -39,9 +40,10 @@ def load_for_chat(run_dir: str, base_only: bool = False):
         raise FinetuneError(f"{run}: not a run folder (no recipe.yaml). Give the output.dir of a finished run.")
     from finetune.recipe import load_recipe
 
-    if load_recipe(run / "recipe.yaml").task == "pretrain":
+    task = traits(load_recipe(run / "recipe.yaml").task)
+    if task.model == "causal_lm" and task.served_by != "chat":
         raise FinetuneError(
-            f"{run}: a pretraining run; its model continues text instead of answering (its samples are in "
+            f"{run}: {task.noun} run; its model continues text instead of answering (its samples are in "
             f"{run / 'samples.json'}). Fine-tune it with an sft recipe whose model.name_or_path is {run} "
             "(recipes/pretrain_tiny_sft.yaml does), then chat with that run."
         )

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 from finetune.errors import FinetuneError
 from finetune.notices import quiet_library_notices
+from finetune.registry import TASKS, TaskTraits, traits
 
 if TYPE_CHECKING:
     from finetune.recipe import Recipe
@@ -46,17 +47,19 @@ def recipe_key_help(key: str, lead: str = "") -> str:
     return f"{lead}{description(key)} (Overrides the recipe's `{key}`.)"
 
 
-# What each task's finished run is used with: a run of another task is pointed there.
-RUN_COMMANDS = {
-    "sft": ("an SFT", "chat", "answers prompts with", '--prompt "..."'),
-    "classification": ("a classification", "predict", "labels texts with", '--text "..."'),
-    "image_classification": ("an image-classification", "predict", "labels images with", "--image FILE"),
-}
+def _use(task: TaskTraits) -> tuple[str, str]:
+    """What the command that serves a run of `task` does with it, and that command's example option."""
+    if task.served_by == "chat":
+        return "answers prompts with", '--prompt "..."'
+    if task.inputs == "images":
+        return "labels images with", "--image FILE"
+    return "labels texts with", '--text "..."'
 
 
 def run_recipe(target: str | Path, command: str) -> Recipe | None:
-    """The recipe of a run folder (its saved recipe.yaml) or a recipe file, refused when its task is not the one
-    `command` works on, with the command that works on it. None when there is no recipe (the command says so)."""
+    """The recipe of a run folder (its saved recipe.yaml) or a recipe file, refused when its task is not served by
+    `command` (the registry's `served_by`), with the command that serves it. None when there is no recipe (the
+    command says so)."""
     from finetune.recipe import load_recipe
 
     target = Path(target)
@@ -64,15 +67,18 @@ def run_recipe(target: str | Path, command: str) -> Recipe | None:
     if not path.is_file():
         return None
     recipe = load_recipe(path)
-    wanted = [task for task, (_, name, _, _) in RUN_COMMANDS.items() if name == command]
-    if recipe.task in wanted:
+    task = traits(recipe.task)
+    if task.served_by == command:
         return recipe
-    kind, _, does, _ = RUN_COMMANDS[wanted[0]]
-    what, other, other_does, example = RUN_COMMANDS.get(recipe.task, (f"a {recipe.task}", None, None, None))
-    where = f"{what} run (task: {recipe.task} in its recipe.yaml)" if target.is_dir() else f"{what} recipe (task: {recipe.task})"
+    served = next(entry.traits for entry in TASKS.values() if entry.traits.served_by == command)
+    does, _ = _use(served)
+    where = f"{task.noun} run (task: {recipe.task} in its recipe.yaml)" if target.is_dir() else f"{task.noun} recipe (task: {recipe.task})"
     run_dir = target if target.is_dir() else recipe.output.dir  # chat takes a run folder only
-    hint = f" `finetune {other}` {other_does} it: finetune {other} {run_dir} {example}" if other else ""
-    raise FinetuneError(f"{target} is {where}; `finetune {command}` {does} {kind} run.{hint}")
+    hint = ""
+    if task.served_by:
+        other_does, example = _use(task)
+        hint = f" `finetune {task.served_by}` {other_does} it: finetune {task.served_by} {run_dir} {example}"
+    raise FinetuneError(f"{target} is {where}; `finetune {command}` {does} {served.noun} run.{hint}")
 
 
 def setup_logging() -> None:

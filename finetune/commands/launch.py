@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from finetune.commands.common import recipe_key_help
-from finetune.distributed.launch import DEFAULT_PORT, LAUNCHERS, build_plan, check_hosts, dry_run_text, run_local_nodes, run_node, slurm_script
+from finetune.launcher import DEFAULT_PORT, LAUNCHERS, build_plan, check_hosts, dry_run_text, run_local_nodes, run_node, slurm_script
 from finetune.errors import FinetuneError
 
 HELP = "Run a recipe on several processes or machines (accelerate, torchrun, deepspeed; SLURM)."

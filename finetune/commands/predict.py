@@ -9,6 +9,7 @@ from pathlib import Path
 from finetune.commands.common import run_recipe
 from finetune.errors import FinetuneError
 from finetune.evaluation.classifier import load_classifier, predict_logits, run_folder, top_labels
+from finetune.registry import traits
 
 
 def read_texts(args, recipe) -> tuple[list[str], list[str] | None]:
@@ -85,7 +86,7 @@ def run(args) -> int:
         raise FinetuneError("--top-k must be at least 1")
     recipe = run_recipe(args.run, "predict")  # an SFT run has no labels to give
     folder = run_folder(args.run)  # says what a folder lacks (labels.json, recipe.yaml)
-    if recipe.task == "image_classification":
+    if traits(recipe.task).inputs == "images":
         return predict_images(args)
     if args.image:
         raise FinetuneError("--image is for image-classification runs; this run classifies texts: give --text or --file")

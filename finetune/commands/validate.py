@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 def validate_command(recipe: Recipe, path: str, check_rows: bool = False) -> int:
     from finetune.checks import check_recipe
     from finetune.runtime import resolve_runtime
-    from finetune.tasks.registry import load_task
+    from finetune.registry import load_task
 
     check_recipe(recipe, resolve_runtime(recipe), source=path)
     print(f"OK: {path} is a valid {recipe.task} recipe ({recipe.model.label}, adapter {recipe.adapter.type}).")

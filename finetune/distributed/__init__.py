@@ -1,2 +1,2 @@
 """Several processes and machines: guards against hangs and wrong world sizes (`guards`), DeepSpeed ZeRO configs
-(`zero`), and the launcher commands of `finetune launch` (`launch`)."""
+(`zero`). The launcher commands of `finetune launch` are in `finetune/launcher.py`, a layer above."""

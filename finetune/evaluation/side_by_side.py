@@ -85,7 +85,7 @@ def evaluate_run(target: str | Path, options: EvalOptions | None = None) -> tupl
     if "merged" in names:
         evaluation.facts["merged_from"] = variants.merged_from
     batch_size = options.batch_size or settings.batch_size
-    if source.task == "classification":
+    if source.scoring == "classifier":
         _evaluate_classifier(evaluation, variants, rows, batch_size)
     else:
         _evaluate_language_model(evaluation, variants, rows, tasks, {
@@ -116,7 +116,7 @@ def _tasks(source: EvalSource, requested: list[str] | None) -> list[str]:
     """lm_eval task names, checked now; None means the shipped local tasks for a causal LM."""
     if requested == []:
         return []
-    if source.task == "classification":
+    if source.scoring == "classifier":
         if requested:
             raise FinetuneError(
                 f"--tasks {','.join(requested)}: lm_eval tasks score a causal LM; this is a classification run, "
@@ -152,7 +152,7 @@ def held_out_rows(source: EvalSource, data: str | None, tokenizer, limit: int | 
         name = f"{recipe.data.eval_fraction:g} of {', '.join(s.path for s in recipe.data.train)} (seed {recipe.data.seed})"
     else:
         raise DataError("no held-out data: the recipe has no data.eval or data.eval_fraction; give --data FILE.")
-    if source.task == "classification":
+    if source.scoring == "classifier":
         from finetune.data.classification import check_labels, load_classification_rows
 
         rows = load_classification_rows(sources, recipe).rows
@@ -162,7 +162,7 @@ def held_out_rows(source: EvalSource, data: str | None, tokenizer, limit: int | 
         rows = load_rows(sources, recipe.data, chat=bool(tokenizer.chat_template)).rows
     if split:
         rows = split_rows(rows, recipe.data.eval_fraction, recipe.data.seed)[1]
-    if source.task == "classification":
+    if source.scoring == "classifier":
         from finetune.data.classification import LabelMap
 
         check_labels(rows, LabelMap.load(source.run_dir))

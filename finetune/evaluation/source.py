@@ -9,6 +9,7 @@ from pathlib import Path
 from finetune.errors import FinetuneError
 from finetune.models.loading import TOKENIZER_FILES
 from finetune.recipe import Recipe, load_recipe
+from finetune.registry import TASKS, traits
 
 VARIANTS = ("base", "adapter", "merged")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -26,6 +27,11 @@ class EvalSource:
     @property
     def task(self) -> str:
         return self.recipe.task
+
+    @property
+    def scoring(self) -> str | None:
+        """How `finetune eval` scores the run's task (its registry trait): "language_model", "classifier" or None."""
+        return traits(self.recipe.task).eval_scoring
 
     @property
     def home(self) -> Path:
@@ -82,8 +88,9 @@ def resolve_source(target: str | Path, merged: str | Path | None = None) -> Eval
     if not (recipe_home / "recipe.yaml").is_file():
         raise FinetuneError(f"{recipe_home}: no recipe.yaml, so the base model and the data format are unknown.")
     recipe = load_recipe(recipe_home / "recipe.yaml")
-    if recipe.task not in ("sft", "classification"):
-        raise FinetuneError(f"{recipe_home}: `finetune eval` compares sft and classification runs; this is a {recipe.task} run.")
+    if traits(recipe.task).eval_scoring is None:
+        compared = " and ".join(name for name, entry in TASKS.items() if entry.traits.eval_scoring)
+        raise FinetuneError(f"{recipe_home}: `finetune eval` compares {compared} runs; this is a {recipe.task} run.")
     has_adapter = run_dir is not None and (run_dir / "adapter_config.json").is_file()
     return EvalSource(recipe, run_dir, merged_dir, has_adapter)
 

@@ -74,7 +74,7 @@ def choose_variants(source: EvalSource, requested: list[str] | None) -> tuple[li
 
 def load_variants(source: EvalSource, names: list[str], runtime, tokenizer) -> Variants:
     """Load what `names` need: the base once (quantized as in training), the run's adapter on it, a merged folder."""
-    if source.task == "classification":
+    if source.scoring == "classifier":
         variants = _classification(source, runtime)
     else:
         variants = _causal_lm(source, runtime, tokenizer)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from finetune.dtypes import name_of, torch_dtype
 from finetune.errors import FinetuneError
+from finetune.registry import traits
 
 VERIFY_IMAGES = 8
 
@@ -40,7 +41,7 @@ def image_run(adapter_dir: Path) -> ImageRun | None:
     if folder is None:
         return None
     recipe = load_recipe(folder / "recipe.yaml")
-    if recipe.task != "image_classification":
+    if traits(recipe.task).inputs != "images":
         return None
     if not (folder / PREPROCESSING_FILE).is_file() or not (folder / "labels.json").is_file():
         raise FinetuneError(f"{folder}: an image run without labels.json / {PREPROCESSING_FILE}; it did not finish.")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from finetune.dtypes import torch_dtype
 from finetune.errors import FinetuneError
+from finetune.registry import traits
 from finetune.models.loading import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def resolve_inputs(adapter: str | Path, base: str | None) -> MergeInputs:
     if problem:
         raise FinetuneError(f"base model: {problem}")
 
-    classification = recipe is not None and recipe.task == "classification"
+    classification = recipe is not None and traits(recipe.task).head
     task_type = config.get("task_type") or ("SEQ_CLS" if classification else "CAUSAL_LM")
     if task_type not in TASK_CLASSES:
         raise FinetuneError(f"adapter task_type {task_type} is not supported; finetune merge handles {', '.join(TASK_CLASSES)}.")

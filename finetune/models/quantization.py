@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from finetune.dtypes import torch_dtype
 from finetune.recipe import Recipe
+from finetune.registry import traits
 from finetune.runtime import Runtime
 
 # Heads that must stay trainable and full precision in a classifier (BERT-style, Llama-style, RoBERTa).
@@ -25,7 +26,7 @@ def build_bnb_config(recipe: Recipe, runtime: Runtime):
     from transformers import BitsAndBytesConfig
 
     skip = q.skip_modules
-    if recipe.task == "classification" and skip is None:
+    if traits(recipe.task).head and skip is None:
         skip = list(CLASSIFIER_HEADS)
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)

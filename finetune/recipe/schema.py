@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from finetune.dtypes import canonical
-from finetune.tasks.registry import TASKS
+from finetune.registry import TASKS, traits
 
 # One spelling for dtypes in every section (finetune/dtypes.py); `float32`, `bfloat16`, `float16` are read as aliases.
 Dtype = Annotated[Literal["auto", "fp32", "bf16", "fp16"], BeforeValidator(canonical)]
@@ -569,8 +569,8 @@ class MergeConfig(Section):
 class Recipe(Section):
     """A fine-tuning recipe."""
 
-    task: Literal[tuple(TASKS)] = Field(  # the registered tasks (finetune/tasks/registry.py)
-        "sft", description="; ".join(f"`{name}`: {what}" for name, (_, what) in TASKS.items()) + "."
+    task: Literal[tuple(TASKS)] = Field(  # the registered tasks (finetune/registry.py)
+        "sft", description="; ".join(f"`{name}`: {entry.traits.summary}" for name, entry in TASKS.items()) + "."
     )
     model: ModelConfig
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
@@ -627,7 +627,8 @@ def combination_problems(recipe: Recipe) -> list[str]:
                 "train.early_stopping_patience / train.load_best_model_at_end need evaluation data: "
                 "set data.eval or data.eval_fraction."
             )
-    if recipe.task == "classification":
+    task = traits(recipe.task)
+    if task.head and task.inputs == "tokens":
         skip = q.skip_modules
         if q.bits is not None and skip is not None and not any(h in skip for h in ("classifier", "score")):
             problems.append(
@@ -635,22 +636,30 @@ def combination_problems(recipe: Recipe) -> list[str]:
                 "cannot be trained or saved. Add the head's name (`classifier` for BERT-style, `score` for Llama-style)."
             )
         if recipe.data.packing:
-            problems.append("data.packing is for sft; a classifier sees one example per sequence. Remove it.")
+            problems.append(f"data.packing is for {_tasks_with('packing')}; a classifier sees one example per sequence. Remove it.")
     problems += image_problems(recipe)
     return problems
+
+
+def _tasks_with(trait: str, value=True) -> str:
+    """The tasks whose `trait` is `value`, for messages ("sft", "sft or preference")."""
+    return " or ".join(name for name, entry in TASKS.items() if getattr(entry.traits, trait) == value)
 
 
 def image_problems(recipe: Recipe) -> list[str]:
     """Combinations that only an image classifier, or only a language model, can take."""
     problems, a = [], recipe.adapter
-    if recipe.task != "image_classification":
+    task = traits(recipe.task)
+    if task.inputs != "images":
         if a.type == "head":
-            problems.append("adapter.type: head (train the head only) is for task: image_classification; use lora or none.")
+            problems.append(
+                f"adapter.type: head (train the head only) is for task: {_tasks_with('inputs', 'images')}; use lora or none."
+            )
         return problems
-    if recipe.quantization.bits is not None or a.type == "qlora":
-        problems.append("image_classification does not quantize the model: remove quantization.bits (and use adapter.type lora, head or none).")
-    if recipe.data.packing:
-        problems.append("data.packing is for sft; an image classifier sees one image per example. Remove it.")
+    if not task.quantizable and (recipe.quantization.bits is not None or a.type == "qlora"):
+        problems.append(f"{recipe.task} does not quantize the model: remove quantization.bits (and use adapter.type lora, head or none).")
+    if recipe.data.packing and not task.packing:
+        problems.append(f"data.packing is for {_tasks_with('packing')}; an image classifier sees one image per example. Remove it.")
     if recipe.eval.after_training:
         problems.append(
             "eval.after_training: `finetune eval` compares sft and text-classification runs; an image run's held-out "
@@ -671,8 +680,10 @@ def model_source_problems(recipe: Recipe) -> list[str]:
             return ["model.tokenizer is for a new model (model.config); a pretrained model brings its own tokenizer. Remove it."]
         return []
     problems = []
-    if recipe.task != "pretrain":
-        problems.append(f"model.config builds a new, untrained model: use it with task: pretrain, not {recipe.task}.")
+    if not traits(recipe.task).new_model:
+        problems.append(
+            f"model.config builds a new, untrained model: use it with task: {_tasks_with('new_model')}, not {recipe.task}."
+        )
     taken = [key for key in ("gguf_file", "weights_file", "revision") if getattr(m, key)]
     if taken:
         problems.append(f"model.{taken[0]} names a file of model.name_or_path; a new model (model.config) has none. Remove it.")

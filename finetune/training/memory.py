@@ -14,6 +14,7 @@ import resource
 from dataclasses import asdict, dataclass
 
 from finetune.recipe import Recipe
+from finetune.registry import traits
 
 GIB = 2**30
 
@@ -116,7 +117,7 @@ def estimate_memory(
 
 def _activations(recipe: Recipe, config, tokens: int, value_bytes: int) -> tuple[int | None, str]:
     """Saved-for-backward activations of one micro-batch, for a decoder or encoder of standard blocks."""
-    if recipe.task == "image_classification":  # patches or feature maps, not tokens: no per-token count applies
+    if traits(recipe.task).inputs == "images":  # patches or feature maps, not tokens: no per-token count applies
         return None, "activations not estimated for image models"
     config = getattr(config, "text_config", None) or config
     hidden = getattr(config, "hidden_size", None)
@@ -143,7 +144,7 @@ def _activations(recipe: Recipe, config, tokens: int, value_bytes: int) -> tuple
         kept = layers * per_layer * tokens * value_bytes
     # The language-model head: fp32 logits at the labelled positions (at most every token), their softmax for the
     # loss and its gradient, 12 bytes per vocabulary entry. A classifier's head is a few values per example.
-    vocab = getattr(config, "vocab_size", 0) if recipe.task != "classification" else 0
+    vocab = getattr(config, "vocab_size", 0) if not traits(recipe.task).head else 0
     head = tokens * vocab * 12
     return int(kept + head), ""
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 from finetune.models.parameters import ParamCounts
 from finetune.recipe import Recipe
+from finetune.registry import traits
 from finetune.runtime import Runtime
 from finetune.training.memory import MemoryEstimate
 
@@ -67,7 +68,7 @@ class Plan:
                 f"{self.processes} process(es) = {self.effective_batch_size} per step",
             ),
             ("steps", f"{self.steps:,} ({self.epochs:g} epoch(s))"),
-            *([] if self.task == "image_classification" else [("sequence length", f"{self.max_length}")]),
+            *([] if traits(self.task).inputs == "images" else [("sequence length", f"{self.max_length}")]),
             ("precision", self.precision),
             ("device", self.device),
             ("threads", f"{self.threads} per process ({self.threads_note})"),

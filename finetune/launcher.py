@@ -27,8 +27,8 @@ from finetune.errors import FinetuneError
 
 LAUNCHERS = ("accelerate", "torchrun", "deepspeed")
 DEFAULT_PORT = 29500
-RUN_SCRIPT = Path(__file__).resolve().parents[1] / "run.py"  # finetune/run.py
-REPO_ROOT = Path(__file__).resolve().parents[2]
+RUN_SCRIPT = Path(__file__).resolve().parent / "run.py"  # finetune/run.py
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # Where scripts/build_deepspeed_ops.sh caches DeepSpeed's JIT-compiled ops (deepspeed_shm_comm on CPU).
 DEFAULT_EXTENSIONS_DIR = REPO_ROOT / ".cache" / "torch_extensions"
 HOSTFILE_NAME = "finetune-hostfile"
