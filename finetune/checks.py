@@ -22,6 +22,7 @@ def recipe_problems(recipe: Recipe, runtime: Runtime, data: bool = True) -> list
     problems = list(runtime.problems)
     problems += _package_problems(recipe)
     problems += _quantization_problems(recipe, runtime)
+    problems += _kernel_problems(recipe, runtime)
     if recipe.deepspeed:
         problems += _deepspeed_problems(recipe, runtime)
     problems += model_config_problems(recipe)
@@ -60,6 +61,20 @@ def _package_problems(recipe: Recipe) -> list[str]:
                 "quantization / 8-bit optimizers need bitsandbytes: pip install 'finetune-kit[quant]' "
                 "(or remove quantization.bits and use train.optimizer: adamw_torch)."
             ]
+    return []
+
+
+def _kernel_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
+    if recipe.train.kernels != "liger":
+        return []
+    if traits(recipe.task).model != "causal_lm":
+        return [f"train.kernels: liger patches causal LMs (their norms, MLP and loss); {traits(recipe.task).noun} run "
+                "trains a classifier. Remove train.kernels."]  # fmt: skip
+    if runtime.device != "cuda":
+        return [f"train.kernels: liger runs Triton kernels on CUDA GPUs, and this run is on {runtime.device}. Remove "
+                "train.kernels (the kit's own loss already projects only the labelled positions) or train on a GPU."]  # fmt: skip
+    if importlib.util.find_spec("liger_kernel") is None:
+        return ["train.kernels: liger needs the liger-kernel package: pip install liger-kernel (or remove train.kernels)."]
     return []
 
 

@@ -92,7 +92,8 @@ def sft_trainer_class():
             if not plain_nll:  # what only TRL's own loss does: logits returned, DFT, label smoothing, MoE, ...
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss, logits, targets = completion_loss(
-                model, padding_free_inputs(model, inputs), num_items_in_batch, positions=facts.get(LABEL_POSITIONS)
+                model, padding_free_inputs(model, inputs), num_items_in_batch, positions=facts.get(LABEL_POSITIONS),
+                fused=self.args.use_liger_kernel,
             )
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # As the Trainer and TRL do: num_items_in_batch counts every rank's tokens and DDP averages gradients.
@@ -106,12 +107,12 @@ def sft_trainer_class():
             The accuracy stays a device tensor until `log` (a logging step) reads it."""
             mode = "train" if self.model.training else "eval"
             gather = self.accelerator.gather_for_metrics
-            with torch.no_grad():
-                valid = targets.reshape(-1) != IGNORE_INDEX
-                correct = (logits.reshape(-1, logits.size(-1)).argmax(-1) == targets.reshape(-1)) & valid
-                total, right = gather(valid.sum()).sum(), gather(correct.sum()).sum()
-                accuracy = torch.where(total > 0, right / total.clamp(min=1), 0.0)
-            self._metrics[mode]["mean_token_accuracy"].append(accuracy)
+            if logits is not None:  # Liger's fused loss keeps no logits: no accuracy then
+                with torch.no_grad():
+                    valid = targets.reshape(-1) != IGNORE_INDEX
+                    correct = (logits.reshape(-1, logits.size(-1)).argmax(-1) == targets.reshape(-1)) & valid
+                    total, right = gather(valid.sum()).sum(), gather(correct.sum()).sum()
+                    self._metrics[mode]["mean_token_accuracy"].append(torch.where(total > 0, right / total.clamp(min=1), 0.0))
             if mode == "train":
                 tokens = real_tokens
                 if tokens is None:  # a batch not built by the kit's collator
