@@ -11,7 +11,8 @@
 #                                                          wheels beside the machine's torch, then run
 #
 # Benchmark options go to `python -m benchmarks.gpu_train` (--only, --steps, --rounds, --budget, --work, --out).
-# Reports: benchmarks/results/gpu_check/ (probes) and benchmarks/results/gpu_train.json, unless --out says otherwise.
+# Reports: benchmarks/results/gpu_check/ (probes; GPU_CHECK_OUT=DIR to move) and benchmarks/results/gpu_train.json
+# (--out to move).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -39,7 +40,7 @@ case "${1:-}" in
     if [ "$PROBES" = 1 ]; then
       "$PY" -m pytest -q -p no:randomly -p no:cacheprovider -m gpu tests/test_varlen_attention.py || status=1
       "$PY" -m benchmarks.gpu_check --weights random --assets "$BUNDLE" --steps 20 \
-        --only lora_bf16,lora_bf16_padded,lora_bf16_batch32 || status=1
+        --only lora_bf16,lora_bf16_padded,lora_bf16_batch32 --out "${GPU_CHECK_OUT:-benchmarks/results/gpu_check}" || status=1
     fi
     "$PY" -m benchmarks.gpu_train --tokenizer "$BUNDLE/models/smollm2" "$@" || status=1
     exit $status ;;
