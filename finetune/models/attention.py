@@ -45,8 +45,11 @@ def _packed(query, key, attention_mask, kwargs: dict) -> bool:
     return True
 
 
+BATCH_KEYS = ("packed_bounds", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
 def _without_batch_keys(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k not in ("packed_bounds", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    return {k: v for k, v in kwargs.items() if k not in BATCH_KEYS}
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -114,7 +117,8 @@ def packed_varlen_attention(module, query, key, value, attention_mask, dropout: 
     fp32 under autocast, attention dropout: the kernel does neither) goes to the per-example SDPA."""
     longest = kwargs.get("max_length_q")
     bounds = kwargs.get("cu_seq_lens_q")
-    if not varlen_runs(query) or (dropout and module.training) or bounds is None or longest is None or not _packed(query, key, attention_mask, kwargs):
+    usable = varlen_runs(query) and not (dropout and module.training) and bounds is not None and longest is not None
+    if not usable or not _packed(query, key, attention_mask, kwargs):
         return packed_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     args, options = varlen_arguments(query, key, value, bounds, int(longest), scaling)
     return varlen_kernel()(*args, **options)[None], None

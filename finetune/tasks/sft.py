@@ -185,11 +185,12 @@ class SFTTask(Task):
                     f"{attention!r} and cannot switch to SDPA per example)"
                 )
             else:
-                how = {
-                    PACKED_SDPA: f"SDPA per example; the varlen flash kernel is not used: {varlen_usable(self.runtime.device, dtype)}",
-                    PACKED_VARLEN: "torch.nn.attention.varlen, one flash kernel call per layer",
-                }.get(attention)
-                self.batching_note = f"padding-free (examples back to back, attention per example: {attention}" + (f", {how})" if how else ")")
+                how = ""
+                if attention == PACKED_SDPA:
+                    how = f", SDPA per example; the varlen flash kernel is not used: {varlen_usable(self.runtime.device, dtype)}"
+                elif attention == PACKED_VARLEN:
+                    how = ", torch.nn.attention.varlen, one flash kernel call per layer"
+                self.batching_note = f"padding-free (examples back to back, attention per example: {attention}{how})"
         else:
             self.batching_note = "packed into max_length rows (data.packing)" if self.recipe.data.packing else "padded"
 
