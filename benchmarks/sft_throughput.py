@@ -140,21 +140,24 @@ def run_kit(work: Path, args, inputs: dict, padded: bool, env: dict) -> dict:
     }
 
 
-def run_trl(work: Path, args, inputs: dict, packing: bool, env: dict, bf16: bool = False) -> dict:
-    folder = Path(tempfile.mkdtemp(dir=work))
+def trl_command(inputs: dict, out: Path, args, packing: bool, bf16: bool = False) -> list[str]:
+    """`trl sft` with the kit's settings, in fp32 like the kit unless `bf16` (TRL 1.16's own default)."""
     trl = Path(sys.executable).parent / "trl"
     cmd = [
         str(trl), "sft", "--model_name_or_path", str(inputs["model"]), "--dataset_name", str(inputs["data"]),
-        "--output_dir", str(folder / "out"), "--use_peft", "--lora_r", "16", "--lora_alpha", "32",
+        "--output_dir", str(out), "--use_peft", "--lora_r", "16", "--lora_alpha", "32",
         "--lora_dropout", "0.05", "--lora_target_modules", "all-linear", "--per_device_train_batch_size", str(args.batch),
         "--max_length", str(args.max_length), "--max_steps", str(args.steps), "--learning_rate", "2e-4",
         "--lr_scheduler_type", "linear", "--warmup_steps", "0", "--logging_steps", "10", "--save_strategy", "no",
         "--report_to", "none", "--use_cpu", "--dtype", "float32", "--seed", "42", "--disable_tqdm", "true",
         "--bf16", "true" if bf16 else "false",
     ]  # fmt: skip
-    if packing:
-        cmd += ["--packing"]
-    measured = run_measured(cmd, env=env).check("trl sft")
+    return cmd + (["--packing"] if packing else [])
+
+
+def run_trl(work: Path, args, inputs: dict, packing: bool, env: dict, bf16: bool = False) -> dict:
+    folder = Path(tempfile.mkdtemp(dir=work))
+    measured = run_measured(trl_command(inputs, folder / "out", args, packing, bf16), env=env).check("trl sft")
     logs = trainer_logs(measured.stdout + measured.stderr)
     train = next(log for log in reversed(logs) if "train_runtime" in log)
     tokens = next(log["num_tokens"] for log in reversed(logs) if "num_tokens" in log)

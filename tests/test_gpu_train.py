@@ -72,3 +72,15 @@ def test_dry_run_runs_every_variant(tmp_path):
         else:
             assert results[0]["status"] == "ok", (name, results[0].get("log_tail"))
             assert results[0]["real_tokens"] > 0 and results[0]["steps"] == 2
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cpu_benchmark_runs_trl_at_the_kits_precision(tmp_path, bf16):
+    """benchmarks/sft_throughput.py: `trl` in fp32 like the kit (TRL 1.16 defaults to bf16); `trl-bf16` keeps it."""
+    from benchmarks.sft_throughput import trl_command
+
+    args = argparse.Namespace(batch=8, max_length=128, steps=40)
+    cmd = trl_command({"model": tmp_path / "m", "data": tmp_path / "d"}, tmp_path / "o", args, packing=False, bf16=bf16)
+    assert cmd[1] == "sft"
+    _, config, model, _ = trl_arguments(cmd[2:])
+    assert config.bf16 == bf16 and config.use_cpu and model.dtype == "float32"

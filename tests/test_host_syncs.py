@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.recipe import validate_recipe
-from support import sft_recipe
+from support import sft_recipe, uneven_chat_rows
 
 aten = torch.ops.aten
 # Operations that read a tensor's value on the host, or whose output size depends on the data (a GPU must finish
@@ -92,7 +92,6 @@ def test_no_host_sync_in_a_non_logging_step(tiny_llama_dir, tmp_path, monkeypatc
     from transformers import Trainer, TrainerCallback
 
     from finetune.runner import run
-    from test_padding_free import uneven_chat_rows
 
     found, active = host_reads
     window = {"counter": None, "logged": []}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.models import attention
-from test_padding_free import packed_row
+from support import packed_row
 
 
 def fake_varlen(calls: list):
