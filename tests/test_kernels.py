@@ -25,7 +25,8 @@ def _problems(recipe: dict, device: str):
 
 
 def test_liger_is_refused_on_cpu(tiny_llama_dir, tmp_path):
-    assert _problems(sft_recipe(tiny_llama_dir, tmp_path, train={"kernels": "liger"}), "cpu") == [
+    recipe = sft_recipe(tiny_llama_dir, tmp_path, train={"kernels": "liger", "device": "cpu"})
+    assert _problems(recipe, "cpu") == [
         "train.kernels: liger runs Triton kernels on CUDA GPUs, and this run is on cpu. Remove train.kernels (the kit's "
         "own loss already projects only the labelled positions) or train on a GPU."
     ]
@@ -36,11 +37,14 @@ def test_liger_needs_its_package(tiny_llama_dir, tmp_path, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else find_spec(name, *a))
     assert _problems(sft_recipe(tiny_llama_dir, tmp_path, train={"kernels": "liger"}), "cuda") == [
-        "train.kernels: liger needs the liger-kernel package: pip install liger-kernel (or remove train.kernels)."
+        "train.kernels: liger needs liger_kernel, which is not installed here: pip install 'finetune-kit[kernels]' "
+        "(CUDA only) (or remove train.kernels)."
     ]
 
 
-def test_liger_is_refused_for_a_classifier(tiny_llama_dir, tmp_path):
+def test_liger_is_refused_for_a_classifier(tiny_llama_dir, tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else find_spec(name, *a))
     recipe = cls_recipe(tiny_llama_dir, tmp_path, train={"kernels": "liger"})
     assert _problems(recipe, "cuda") == [
         "train.kernels: liger patches causal LMs (their norms, MLP and loss); a classification run trains a "

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "finetune"
 LAYERS = [
     ["finetune.dtypes", "finetune.errors", "finetune.notices", "finetune.registry", "finetune.tiny"],
     ["finetune.paths", "finetune.recipe"],
-    ["finetune.runtime"],
+    ["finetune.runtime", "finetune.requirements"],
     ["finetune.models", "finetune.data", "finetune.metrics", "finetune.distributed"],
     ["finetune.checks", "finetune.training", "finetune.merge"],
     ["finetune.tasks", "finetune.evaluation", "finetune.launcher"],

@@ -10,6 +10,7 @@ cannot import from this package.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,32 @@ def load_metric(name: str, config_name: str | None = None, **load_kwargs: Any) -
             f"(offline, or no such metric).{hint} Metrics that work offline: {', '.join(SHIPPED)}; "
             "or give the path to an evaluate metric script."
         ) from err
+
+
+def metric_problems(names: list[str]) -> list[str]:
+    """`eval.metrics` entries that cannot load, found without importing evaluate: a script path that is not there,
+    a name that is not shipped and looks like a typo of one that is, a hub name while the hub is offline."""
+    problems = []
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE"))
+    for name in names:
+        if name in SHIPPED:
+            continue
+        path = Path(name).expanduser()
+        if path.exists() or name.endswith(".py") or name.startswith((".", "/", "~")):
+            try:
+                _script_path(path)
+            except FinetuneError as exc:
+                problems.append(f"eval.metrics: {exc}.")
+            continue
+        close = difflib.get_close_matches(name, SHIPPED, n=1)
+        if close or offline:
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            why = "the hub is offline here (HF_HUB_OFFLINE)" if offline else f"write evaluate-metric/{name} for the hub's module"
+            problems.append(
+                f"eval.metrics: '{name}' is not a metric shipped with the kit{hint}; {why}. "
+                f"Shipped metrics (offline): {', '.join(SHIPPED)}; or the path to an evaluate metric script."
+            )
+    return problems
 
 
 def _script_path(path: Path) -> str:

@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from finetune.errors import FinetuneError
-from finetune.models.checkpoint import local_name, model_problem, read_pickled_state_dict
+from finetune.models.checkpoint import local_name, model_config, model_problem, read_pickled_state_dict
 from finetune.paths import PACKAGE_SCHEME, resolve_package_path
 from finetune.recipe import Recipe
+from finetune.recipe.schema import is_pattern
 
 log = logging.getLogger("finetune")
 
@@ -288,6 +289,30 @@ def build_image_model(recipe: Recipe, labels, dtype=None, trust_remote_code: boo
     return BuiltModel(model, source, report, folder)
 
 
+def build_empty_model(recipe: Recipe, num_classes: int = 2) -> BuiltModel | None:
+    """The recipe's architecture with a `num_classes` head on the meta device (no weights, no memory), to check the
+    module names a recipe gives before anything loads; None when it cannot be built here (loading reports why)."""
+    import torch
+
+    source = vision_source(recipe)
+    try:
+        with torch.device("meta"):
+            if not source.is_hf:
+                return BuiltModel(plain_classifier(_build_plain(source, dict(recipe.image.architecture_args), num_classes)), source, None, None)
+            from transformers import AutoModelForImageClassification
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            found = model_config(recipe.model)
+            if found is None or found[0].get("model_type") not in CONFIG_MAPPING:
+                return None
+            config = CONFIG_MAPPING[found[0]["model_type"]].from_dict(dict(found[0]))
+            config.num_labels = num_classes
+            return BuiltModel(AutoModelForImageClassification.from_config(config), source, None, None)
+    except Exception as exc:  # a builder that needs real tensors, an architecture transformers cannot build here
+        log.debug("Image model not built on the meta device: %s", exc)
+        return None
+
+
 def label_kwargs(labels) -> dict:
     """What `AutoModelForImageClassification` needs to build a head for `labels`."""
     return dict(
@@ -414,6 +439,11 @@ def _depthwise(module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1
 
 
+def _named(target: str, name: str) -> bool:
+    """As PEFT matches a target: a regular expression against the whole name, a name against itself or a suffix."""
+    return re.fullmatch(target, name) is not None if is_pattern(target) else name == target or name.endswith("." + target)
+
+
 def lora_targets(model, recipe: Recipe, heads: list[str]) -> list[str]:
     """Full names of the layers LoRA adapts. `all-linear` (the default): every linear layer and 2-D convolution of
     the backbone, depthwise convolutions left out (a low-rank update of a per-channel filter saves nothing, and PEFT
@@ -428,7 +458,7 @@ def lora_targets(model, recipe: Recipe, heads: list[str]) -> list[str]:
         return names
     names, unmatched = [], []
     for target in a.target_modules:
-        found = [n for n, m in modules if (n == target or n.endswith("." + target)) and _adaptable(m)]
+        found = [n for n, m in modules if _named(target, n) and _adaptable(m)]
         names += [n for n in found if n not in names]
         if not found:
             unmatched.append(target)
