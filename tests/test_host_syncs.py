@@ -121,11 +121,17 @@ def test_no_host_sync_in_a_non_logging_step(tiny_llama_dir, tmp_path, monkeypatc
         data={"train": str(data), "max_length": 48, "padding_free": True},
         train={"epochs": 1, "max_steps": 3, "micro_batch_size": 6, "logging_steps": 10},
     ))  # fmt: skip
-    run(recipe, callbacks=[Logged()])
+    result = run(recipe, callbacks=[Logged()])
 
     counter = window["counter"]
     assert counter is not None and not active["on"], "the measured window never opened and closed"
     assert 2 not in window["logged"] and 1 in window["logged"]  # step 2 really is a non-logging step
+    # The per-batch metrics kept on the device are numbers again in the log (step 1's), the token counts agree.
+    logged = [h for h in result.metrics["log_history"] if "loss" in h]
+    assert [h["step"] for h in logged] == [1]
+    assert isinstance(logged[0]["mean_token_accuracy"], float) and 0 <= logged[0]["mean_token_accuracy"] <= 1
+    seen = result.metrics["num_input_tokens_seen"]
+    assert 0 < logged[0]["num_tokens"] < seen == result.metrics["summary"]["training_tokens"]
     reads = Counter(counter.found + found)
     assert not reads, f"{sum(reads.values())} host reads in a non-logging step:\n" + "\n".join(
         f"{n} x {op} at {where}" for (op, where), n in reads.most_common()
