@@ -21,6 +21,7 @@ def recipe_problems(recipe: Recipe, runtime: Runtime, data: bool = True) -> list
     problems = list(runtime.problems)
     problems += package_problems(recipe)  # every value naming a package (finetune/requirements.py)
     problems += _quantization_problems(recipe, runtime)
+    problems += _kernel_problems(recipe, runtime)
     if recipe.deepspeed:
         problems += _deepspeed_problems(recipe, runtime)
     problems += model_config_problems(recipe)
@@ -73,6 +74,18 @@ def _named_file_problems(recipe: Recipe) -> list[str]:
 
         problems += metric_problems(recipe.eval.metrics)
     return problems
+
+
+def _kernel_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
+    if recipe.train.kernels != "liger":
+        return []
+    if traits(recipe.task).model != "causal_lm":
+        return [f"train.kernels: liger patches causal LMs (their norms, MLP and loss); {traits(recipe.task).noun} run "
+                "trains a classifier. Remove train.kernels."]  # fmt: skip
+    if runtime.device != "cuda":
+        return [f"train.kernels: liger runs Triton kernels on CUDA GPUs, and this run is on {runtime.device}. Remove "
+                "train.kernels (the kit's own loss already projects only the labelled positions) or train on a GPU."]  # fmt: skip
+    return []  # the package: finetune/requirements.py
 
 
 def _quantization_problems(recipe: Recipe, runtime: Runtime) -> list[str]:

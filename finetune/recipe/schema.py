@@ -495,6 +495,13 @@ class TrainConfig(Section):
         "auto", description="`auto`: bf16 on GPUs that support it, fp32 on CPU (bf16 is slower on CPUs without AVX512-bf16)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    kernels: Literal["liger"] | None = Field(
+        None,
+        description="`liger`: Liger's Triton kernels on CUDA GPUs (fused linear cross-entropy on the labelled "
+        "positions only, RMSNorm, SwiGLU, RoPE) for causal LMs, through transformers' `use_liger_kernel`; needs "
+        "`pip install liger-kernel`. Unset: PyTorch's kernels, and the kit's loss through the LM head on the "
+        "labelled positions only.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` uses a GPU when one is visible, else the CPU.")
     num_threads: int | None = Field(
         None, gt=0, description="CPU threads per process. Default: the cores this process may use, divided among local processes."
