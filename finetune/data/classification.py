@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from finetune.errors import DataError
 from finetune.recipe import ClassificationConfig, DataSource, Recipe
@@ -161,23 +161,28 @@ class ClassificationData:
 
 
 def prepare_classification_data(recipe: Recipe) -> ClassificationData:
-    """Train/eval rows (seeded split when `data.eval_fraction`) and the label map of the training data.
+    """Train/eval rows (seeded split when `data.eval_fraction`) and the label map of the training data."""
+    return split_labelled(recipe, lambda sources: load_classification_rows(sources, recipe), recipe.classification.multi_label)
+
+
+def split_labelled(recipe: Recipe, read: Callable[[list[DataSource]], Rows], multi_label: bool) -> ClassificationData:
+    """The train/eval rows of a classifier (text or image) read by `read`, and the label map of the training data.
 
     The label map is built from all rows of `data.train` *before* the held-out split, so a rare class that lands
-    entirely in the held-out part still has a class (and is reported, not a crash).
+    entirely in the held-out part still has a class (and is reported, not a crash). Every evaluation label must be one
+    of the training data's.
     """
     from finetune.data.rows import split_rows
 
-    c = recipe.classification
-    train = load_classification_rows(recipe.data.train, recipe)
-    labels = LabelMap.from_training([r["labels"] for r in train.rows], c.multi_label)
-    needed = 1 if c.multi_label else 2  # a multi-label classifier makes one yes/no decision per label
+    train = read(recipe.data.train)
+    labels = LabelMap.from_training([r["labels"] for r in train.rows], multi_label)
+    needed = 1 if multi_label else 2  # a multi-label classifier makes one yes/no decision per label
     if len(labels.names) < needed:
         found = f" ({', '.join(labels.names)})" if labels.names else ""
         raise DataError(f"the training data has {len(labels.names)} distinct label(s){found}; this classifier needs at least {needed}.")
     skipped, train_rows, eval_rows = train.skipped, train.rows, []
     if recipe.data.eval:
-        held = load_classification_rows(recipe.data.eval, recipe)
+        held = read(recipe.data.eval)
         eval_rows, skipped = held.rows, skipped + held.skipped
     if recipe.data.eval_fraction:
         train_rows, eval_rows = split_rows(train_rows, recipe.data.eval_fraction, recipe.data.seed)

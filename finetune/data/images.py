@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.data.classification import ClassificationData, LabelMap, _label, check_labels
+from finetune.data.classification import ClassificationData, LabelMap, _label, split_labelled
 from finetune.data.rows import Rows
 from finetune.errors import DataError
 from finetune.recipe import DataSource, Recipe
-
-log = logging.getLogger("finetune")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 PREPROCESSING_FILE = "preprocessing.json"
@@ -136,25 +133,8 @@ def load_image_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | 
 
 def prepare_image_data(recipe: Recipe) -> ClassificationData:
     """Train/eval rows (seeded split when `data.eval_fraction`) and the label map of the training rows, as for text
-    classification (`finetune.data.classification.prepare_classification_data`)."""
-    from finetune.data.rows import split_rows
-
-    train = load_image_rows(recipe.data.train, recipe)
-    labels = LabelMap.from_training([r["labels"] for r in train.rows], multi_label=False)
-    if len(labels.names) < 2:
-        found = f" ({', '.join(labels.names)})" if labels.names else ""
-        raise DataError(f"the training data has {len(labels.names)} distinct label(s){found}; a classifier needs at least 2.")
-    skipped, train_rows, eval_rows = train.skipped, train.rows, []
-    if recipe.data.eval:
-        held = load_image_rows(recipe.data.eval, recipe)
-        eval_rows, skipped = held.rows, skipped + held.skipped
-    if recipe.data.eval_fraction:
-        train_rows, eval_rows = split_rows(train_rows, recipe.data.eval_fraction, recipe.data.seed)
-        unseen = sorted(set(labels.names) - {str(r["labels"][0]) for r in train_rows})
-        if unseen:
-            log.warning("Label(s) %s occur only in the held-out rows; the model will not learn them.", unseen)
-    check_labels(eval_rows, labels)
-    return ClassificationData(train_rows, eval_rows, labels, skipped)
+    classification (`finetune.data.classification.split_labelled`)."""
+    return split_labelled(recipe, lambda sources: load_image_rows(sources, recipe), multi_label=False)
 
 
 # --------------------------------------------------------------------------------------------
