@@ -210,18 +210,18 @@ def tokenize_classification(rows: list[dict], tokenizer, labels: LabelMap, max_l
 # --------------------------------------------------------------------------------------------
 
 
-def report_facts(recipe: Recipe, tokenizer):
-    """The rows as `prepare_classification_data` and `tokenize_classification` read them (same rows, split and
-    truncation), for the data report. A check training would stop on is a note of the report instead."""
-    from finetune.data.report import DataFacts, RowFacts, Tally
+def report_rows(recipe: Recipe, read: Callable[[list[DataSource]], Rows], multi_label: bool):
+    """The rows `split_labelled` gives, each with its split ("train" or "eval"), what reading skipped, and the notes
+    of what its checks would stop on (the report shows them rather than stopping): for the data report."""
+    from finetune.data.report import Tally
     from finetune.data.rows import held_out_order
 
-    c, data = recipe.classification, recipe.data
-    train = load_classification_rows(data.train, recipe)
+    data = recipe.data
+    train = read(data.train)
     tally = Tally(train.skipped, list(train.problems))
     rows = [(row, "train") for row in train.rows]
     if data.eval:
-        held = load_classification_rows(data.eval, recipe)
+        held = read(data.eval)
         tally.skipped += held.skipped
         tally.problems += held.problems
         rows += [(row, "eval") for row in held.rows]
@@ -229,12 +229,23 @@ def report_facts(recipe: Recipe, tokenizer):
         out = set(held_out_order(len(train.rows), data.eval_fraction, data.seed))
         rows = [(row, "eval" if index in out else split) for index, (row, split) in enumerate(rows)]
     notes = []
-    labels = LabelMap.from_training([r["labels"] for r in train.rows], c.multi_label)
-    needed = 1 if c.multi_label else 2
+    labels = LabelMap.from_training([r["labels"] for r in train.rows], multi_label)
+    needed = 1 if multi_label else 2
     if len(labels.names) < needed:
         notes.append(f"the training data has {len(labels.names)} distinct label(s); this classifier needs at least "
                      f"{needed}: training stops")
-    # What the tokenizer reads at most (`check_max_length` also caps it by the model's position table, not read here).
+    return rows, tally, notes
+
+
+def report_facts(recipe: Recipe, tokenizer):
+    """The rows as `prepare_classification_data` and `tokenize_classification` read them (same rows, split and
+    truncation), for the data report."""
+    from finetune.data.report import DataFacts, RowFacts
+
+    c, data = recipe.classification, recipe.data
+    rows, tally, notes = report_rows(recipe, lambda sources: load_classification_rows(sources, recipe), c.multi_label)
+    # What the tokenizer reads at most (`models.text_classifier.check_max_length` also caps it by the model's
+    # position table, read from its config: not read here).
     reads = tokenizer.model_max_length if tokenizer.model_max_length and tokenizer.model_max_length < 1_000_000 else None
     limit = min(data.max_length, reads) if reads else data.max_length
 

@@ -300,21 +300,10 @@ def report_facts(recipe: Recipe):
     the image file's bytes. Images are not decoded here (training and `finetune validate --data` decode each once)."""
     import hashlib
 
-    from finetune.data.report import DataFacts, RowFacts, Tally
-    from finetune.data.rows import held_out_order
+    from finetune.data.classification import report_rows
+    from finetune.data.report import DataFacts, RowFacts
 
-    data = recipe.data
-    train = load_image_rows(data.train, recipe, decode=False)
-    tally = Tally(train.skipped, list(train.problems))
-    rows = [(row, "train") for row in train.rows]
-    if data.eval:
-        held = load_image_rows(data.eval, recipe, decode=False)
-        tally.skipped += held.skipped
-        tally.problems += held.problems
-        rows += [(row, "eval") for row in held.rows]
-    if data.eval_fraction:
-        out = set(held_out_order(len(train.rows), data.eval_fraction, data.seed))
-        rows = [(row, "eval" if index in out else split) for index, (row, split) in enumerate(rows)]
+    rows, tally, notes = report_rows(recipe, lambda sources: load_image_rows(sources, recipe, decode=False), False)
 
     def facts():
         for row, split in rows:
@@ -324,4 +313,4 @@ def report_facts(recipe: Recipe):
             yield RowFacts(split=split, origin=row["origin"], key=key, labels=tuple(str(v) for v in row["labels"]))
 
     return DataFacts(rows=facts(), batching="images", max_length=None, micro_batch_size=recipe.train.micro_batch_size,
-                     tally=tally, trains_on="labels")
+                     tally=tally, trains_on="labels", notes=notes)
