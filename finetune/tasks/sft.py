@@ -156,6 +156,16 @@ class SFTTask(Task):
         rows = load_rows(sources, recipe.data, chat=True if tokenizer is None else bool(tokenizer.chat_template))
         return rows if tokenizer is None else keep_learnable(rows, tokenizer, recipe.data)[0]
 
+    @classmethod
+    def data_facts(cls, recipe: Recipe, tokenizer=None):
+        from finetune.data.sft import report_facts
+
+        data = recipe.data
+        # Padding-free falls back to padded batches for a model whose attention cannot keep examples apart (known
+        # once the model is loaded): the report takes the recipe's word.
+        batching = "packed" if data.packing else "padding_free" if data.padding_free else "padded"
+        return report_facts(data, tokenizer, batching, recipe.train.micro_batch_size)
+
     def prepare_data(self, tokenizer, model_path: str, main_first) -> None:
         # Rank 0 tokenizes first; the other ranks then read its cache instead of racing it.
         self.train_dataset, self.eval_dataset, self.skipped = prepare_sft_data(self.recipe, tokenizer, main_first)
