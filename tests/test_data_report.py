@@ -311,3 +311,25 @@ def test_train_reuses_the_record_of_finetune_data(tiny_llama_dir, tmp_path, toke
     write_jsonl(held, [chat("hello", "hi")])  # new bytes: read again
     record = run_record(recipe, lambda: SFTTask.data_facts(recipe, tokenizer), tokenizer)
     assert record["leakage"] == {"eval_rows": 1, "rows": 0, "exact": 0, "near": 0, "fraction": 0.0}
+
+
+def test_training_does_not_read_large_data_twice(tiny_llama_dir, tmp_path, tokenizer, monkeypatch):
+    """Past TRAIN_REPORT_MAX_BYTES and with no report cached, training's record says how to get the report instead
+    of reading every row a second time (the main process would keep the other ranks waiting); a cached one is used."""
+    from finetune.data import report
+
+    recipe = validate_recipe(sft_recipe(tiny_llama_dir, tmp_path))
+    monkeypatch.setattr(report, "TRAIN_REPORT_MAX_BYTES", 100)  # the capitals file is a few KiB
+
+    def unread():
+        raise AssertionError("the rows were read")
+
+    record = report.run_record(recipe, unread, tokenizer)
+    assert record["computed"] is False and record["verdict"].startswith("not read while training (0 MiB of data)")
+    monkeypatch.setattr(report, "TRAIN_REPORT_MAX_BYTES", 10**9)
+    from finetune.tasks.sft import SFTTask
+
+    read = report.run_record(recipe, lambda: SFTTask.data_facts(recipe, tokenizer), tokenizer)  # now read and cached
+    assert "computed" not in read and read["verdict"]
+    monkeypatch.setattr(report, "TRAIN_REPORT_MAX_BYTES", 100)
+    assert report.run_record(recipe, unread, tokenizer) == read  # large again, but cached: reused

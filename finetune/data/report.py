@@ -621,10 +621,39 @@ def render_html(s: dict) -> str:
 # -------------------------------------------------------------------------------------------------------------------
 
 
+# Past this much data, training does not read it a second time for the report (the main process would keep the
+# others waiting, and 1M chat rows take half an hour here): `finetune data` reports it once, training reuses that.
+TRAIN_REPORT_MAX_BYTES = 64 * 2**20
+
+
 def run_record(recipe, facts: Callable[[], DataFacts], tokenizer) -> dict:
     """The figures `finetune train` prints and keeps (`Report.record`): from the cache when `finetune data` (or an
-    earlier run) reported on the same files, recipe and tokenizer; else read now, without the rendered rows."""
-    return cached_record(_records(), _key(recipe, tokenizer), lambda: collect(facts(), samples=0))
+    earlier run) reported on the same files, recipe and tokenizer; else read now, without the rendered rows, when
+    the data is small enough; else a verdict that says how to get the report."""
+    key = _key(recipe, tokenizer)
+    size = _data_bytes(recipe)
+    if size > TRAIN_REPORT_MAX_BYTES and not (key and (_records() / f"{key}.json").is_file()):
+        return {
+            "verdict": f"not read while training ({size / 2**20:.0f} MiB of data): `finetune data` reports it once, "
+            "and training then prints its verdict",
+            "computed": False,
+        }
+    return cached_record(_records(), key, lambda: collect(facts(), samples=0))
+
+
+def _data_bytes(recipe) -> int:
+    """The size of the recipe's local data files and folders (hub datasets count nothing)."""
+    total = 0
+    for source in [*recipe.data.train, *(recipe.data.eval or [])]:
+        try:
+            path = local_path(source) if is_local(source) else None
+        except FinetuneError:
+            continue
+        if path is not None and path.is_file():
+            total += path.stat().st_size
+        elif path is not None and path.is_dir():
+            total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return total
 
 
 def save_record(recipe, tokenizer, report: Report) -> None:
