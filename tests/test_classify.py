@@ -121,7 +121,7 @@ def test_saved_adapter_and_head_reproduce_eval_metrics(bert_run, bert_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from finetune.data.classification import LabelMap, prepare_classification_data
-    from finetune.tasks.classification import predictions_from_logits
+    from finetune.metrics.classification import predictions_from_logits
     from finetune.metrics import classification_report
 
     recipe, result = bert_run
@@ -277,7 +277,7 @@ def test_balanced_weights_and_weighted_loss():
     import torch.nn.functional as F
 
     from finetune.data.classification import LabelMap
-    from finetune.tasks.classification import WeightedLoss, balanced_weights
+    from finetune.training.class_weights import WeightedLoss, balanced_weights
 
     labels = LabelMap(("a", "b", "c"))
     weights = balanced_weights([0] * 6 + [1] * 3 + [2], labels)
@@ -503,7 +503,7 @@ def test_package_paths_with_a_sub_path(fake_package):
 def test_max_length_is_capped_at_what_the_model_reads(tiny_bert_dir, tmp_path, caplog):
     from transformers import AutoTokenizer
 
-    from finetune.tasks.classification import check_max_length
+    from finetune.models.text_classifier import check_max_length
 
     recipe = validate_recipe(cls_recipe(tiny_bert_dir, tmp_path, keyword_rows(4), data={"max_length": 1024}))
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)

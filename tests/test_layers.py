@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "finetune"
 LAYERS = [
     ["finetune.dtypes", "finetune.errors", "finetune.notices", "finetune.registry", "finetune.tiny"],
     ["finetune.paths", "finetune.recipe"],
-    ["finetune.runtime"],
+    ["finetune.runtime", "finetune.requirements"],
     ["finetune.models", "finetune.data", "finetune.metrics", "finetune.distributed"],
     ["finetune.checks", "finetune.training", "finetune.merge"],
     ["finetune.tasks", "finetune.evaluation", "finetune.launcher"],
@@ -29,9 +29,7 @@ def module_name(path: Path) -> str:
 
 
 def modules() -> dict[str, Path]:
-    found = {module_name(p): p for p in PACKAGE.rglob("*.py") if not _only_a_docstring(p)}
-    # The shipped metric scripts are loaded by `evaluate` from a copy, by path; they import nothing of the kit.
-    return {name: path for name, path in found.items() if not name.startswith("finetune.metrics.") or name.count(".") == 2}
+    return {module_name(p): p for p in PACKAGE.rglob("*.py") if not _only_a_docstring(p)}
 
 
 def _only_a_docstring(path: Path) -> bool:

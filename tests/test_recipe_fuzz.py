@@ -340,3 +340,72 @@ def test_mutated_recipes_give_recipe_errors_naming_keys(tmp_path):
     assert outcomes["error"] >= CASES // 2, outcomes  # the mutations must mostly break recipes, or they test nothing
     assert outcomes["wrong type"] >= CASES // 10, outcomes
     assert seconds < 30 * max(1, CASES / 1000), f"{CASES} cases took {seconds:.0f}s"
+
+
+# --------------------------------------------------------------------------------------------
+# Module names, through `finetune validate`: the model is built without weights and every name checked against it
+# --------------------------------------------------------------------------------------------
+
+REAL_NAMES = {"causal_lm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+              "classifier": ["query", "key", "value", "dense"]}  # fmt: skip
+NOT_LAYERS = {"causal_lm": ["mlp", "self_attn", "layers", "input_layernorm", "norm"],
+              "classifier": ["attention", "LayerNorm", "encoder", "intermediate"]}  # fmt: skip
+
+
+def module_name_mutation(rng: random.Random, model: str) -> tuple[str, Any, bool]:
+    """A key naming modules, a value for it, and whether the value must be accepted."""
+    real = REAL_NAMES[model]
+    kind = rng.choice(["typo", "odd", "not a layer", "empty", "regex none", "regex bad", "regex mixed", "to save",
+                       "real", "regex real", "all-linear"])  # fmt: skip
+    if kind == "typo":
+        return "adapter.target_modules", [rng.choice(real), typo(rng, rng.choice(real))], False
+    if kind == "odd":
+        return "adapter.target_modules", [rng.choice(["x", "five", "proj", "q-proj", "attn_q", "Wqkv", "c_attn"])], False
+    if kind == "not a layer":
+        return "adapter.target_modules", [rng.choice(real), rng.choice(NOT_LAYERS[model])], False
+    if kind == "empty":
+        return "adapter.target_modules", [], False
+    if kind == "regex none":
+        return "adapter.target_modules", rf".*\.layers\.{rng.randint(5, 99)}\..*", False
+    if kind == "regex bad":
+        return "adapter.target_modules", rng.choice(["(q_proj", "[a-", "*"]), False
+    if kind == "regex mixed":
+        return "adapter.target_modules", [rng.choice(real), ".*_proj"], False
+    if kind == "to save":
+        return "adapter.modules_to_save", [rng.choice(real + ["embed_tokens", "classifier"]) + "s"], False  # PEFT: a suffix
+    if kind == "real":
+        return "adapter.target_modules", rng.sample(real, rng.randint(1, len(real))), True
+    if kind == "regex real":
+        return "adapter.target_modules", rf".*\.(?:{'|'.join(rng.sample(real, 2))})", True
+    return "adapter.target_modules", "all-linear", True
+
+
+def test_module_name_mutations_through_validate(tiny_llama_dir, tiny_bert_dir, tmp_path):
+    from finetune.commands.validate import validate_command
+    from support import cls_recipe, sft_recipe
+
+    rng = random.Random(SEED)
+    bases = {"causal_lm": sft_recipe(tiny_llama_dir, tmp_path), "classifier": cls_recipe(tiny_bert_dir, tmp_path)}
+    target = tmp_path / "case.yaml"
+    outcomes = {"refused": 0, "accepted": 0}
+    for case in range(60):
+        model = rng.choice(sorted(bases))
+        key, value, valid = module_name_mutation(rng, model)
+        data = copy.deepcopy(bases[model])
+        set_path(data, key, value)
+        target.write_text(write_yaml(data))
+        where = f"FUZZ_SEED={SEED}, case {case}: {model} {key} = {value!r}"
+        try:
+            validate_command(load_recipe(target), str(target))
+        except RecipeError as exc:
+            assert not valid, f"{where}: refused {exc.problems}"
+            assert any(p.startswith(f"{key}: ") for p in exc.problems), f"{where}: {exc.problems}"
+            for problem in exc.problems:
+                assert problem_names_a_key(problem, []) is None and "\n" not in problem, f"{where}: {problem!r}"
+            outcomes["refused"] += 1
+        except Exception as exc:  # anything else would reach the user as a traceback
+            pytest.fail(f"{where}: {type(exc).__name__}: {exc}")
+        else:
+            assert valid, f"{where}: accepted"
+            outcomes["accepted"] += 1
+    assert outcomes["refused"] >= 20 and outcomes["accepted"] >= 5, outcomes

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from finetune.models.generation import generate_answers
 
-    model, tokenizer, recipe = load_for_chat(args.run_dir, base_only=args.base)
+    model, tokenizer, recipe = load_for_chat(args.run_dir, base_only=args.base, max_new_tokens=args.max_new_tokens)
     prompts = args.prompt or recipe.eval.prompts
     if not prompts:
         raise FinetuneError("give at least one --prompt (the run's recipe has no eval.prompts).")
@@ -30,9 +30,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_for_chat(run_dir: str, base_only: bool = False):
+def load_for_chat(run_dir: str, base_only: bool = False, max_new_tokens: int | None = None):
     """The model of a finished SFT run (its base with the adapter, or the fully fine-tuned model; the base alone with
-    `base_only`) and its tokenizer."""
+    `base_only`) and its tokenizer. `max_new_tokens` (`--max-new-tokens`) is checked against the model's context
+    before it loads."""
     from pathlib import Path
 
     run = Path(run_dir)
@@ -48,6 +49,12 @@ def load_for_chat(run_dir: str, base_only: bool = False):
             "(recipes/pretrain_tiny_sft.yaml does), then chat with that run."
         )
     recipe = run_recipe(run, "chat")  # a classifier's encoder loaded as a causal LM would answer with random words
+    if max_new_tokens is not None:
+        from finetune.checks import new_tokens_problem
+
+        problem = new_tokens_problem(recipe, max_new_tokens, "--max-new-tokens")
+        if problem:
+            raise FinetuneError(problem)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig

@@ -30,6 +30,14 @@ def validate_command(recipe: Recipe, path: str, check_rows: bool = False) -> int
     from finetune.registry import load_task
 
     check_recipe(recipe, resolve_runtime(recipe), source=path)
+    if recipe.eval.tasks or recipe.eval.after_training:
+        from finetune.evaluation.side_by_side import check_eval_settings
+
+        try:
+            check_eval_settings(recipe)  # lm_eval task names, as training checks them
+        except FinetuneError as exc:
+            message = str(exc)
+            raise RecipeError([message if message.startswith("eval.") else f"eval.tasks: {message}"], source=path) from None
     print(f"OK: {path} is a valid {recipe.task} recipe ({recipe.model.label}, adapter {recipe.adapter.type}).")
     if check_rows:
         task = load_task(recipe.task)

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.data.classification import ClassificationData, LabelMap, _label, check_labels
+from finetune.data.classification import ClassificationData, LabelMap, _label, split_labelled
 from finetune.data.rows import Rows
 from finetune.errors import DataError
 from finetune.recipe import DataSource, Recipe
-
-log = logging.getLogger("finetune")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 PREPROCESSING_FILE = "preprocessing.json"
@@ -91,9 +88,10 @@ def _image_value(value, column: str, base: Path):
     raise ValueError(f"'{column}' must be an image file path or the image's bytes, got {type(value).__name__}")
 
 
-def load_image_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | None = None) -> Rows:
+def load_image_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | None = None, decode: bool = True) -> Rows:
     """Read every row and decode every image once; a bad row raises with its file and row (or is skipped and
-    counted, per `data.on_bad_row`). Rows are {image, labels, origin}."""
+    counted, per `data.on_bad_row`). Rows are {image, labels, origin}. `decode=False` (the data report, which
+    training's own reading precedes or follows) checks the image's path or bytes only: images are decoded once."""
     import datasets
 
     from finetune.data.rows import is_local, local_path, read_source
@@ -123,7 +121,10 @@ def load_image_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | 
 
             def build(row=row, origin=origin) -> dict:
                 image = _image_value(row.get(image_column), image_column, base)
-                open_image(image, origin)
+                if decode:
+                    open_image(image, origin)
+                elif isinstance(image, str) and not Path(image).is_file():
+                    raise ValueError(f"image file not found: {image}")
                 return {"image": image, "labels": (_label(row.get(label_column), label_column),), "origin": origin}
 
             out.add(origin, build, on_bad_row)
@@ -132,25 +133,8 @@ def load_image_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | 
 
 def prepare_image_data(recipe: Recipe) -> ClassificationData:
     """Train/eval rows (seeded split when `data.eval_fraction`) and the label map of the training rows, as for text
-    classification (`finetune.data.classification.prepare_classification_data`)."""
-    from finetune.data.rows import split_rows
-
-    train = load_image_rows(recipe.data.train, recipe)
-    labels = LabelMap.from_training([r["labels"] for r in train.rows], multi_label=False)
-    if len(labels.names) < 2:
-        found = f" ({', '.join(labels.names)})" if labels.names else ""
-        raise DataError(f"the training data has {len(labels.names)} distinct label(s){found}; a classifier needs at least 2.")
-    skipped, train_rows, eval_rows = train.skipped, train.rows, []
-    if recipe.data.eval:
-        held = load_image_rows(recipe.data.eval, recipe)
-        eval_rows, skipped = held.rows, skipped + held.skipped
-    if recipe.data.eval_fraction:
-        train_rows, eval_rows = split_rows(train_rows, recipe.data.eval_fraction, recipe.data.seed)
-        unseen = sorted(set(labels.names) - {str(r["labels"][0]) for r in train_rows})
-        if unseen:
-            log.warning("Label(s) %s occur only in the held-out rows; the model will not learn them.", unseen)
-    check_labels(eval_rows, labels)
-    return ClassificationData(train_rows, eval_rows, labels, skipped)
+    classification (`finetune.data.classification.split_labelled`)."""
+    return split_labelled(recipe, lambda sources: load_image_rows(sources, recipe), multi_label=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,3 +288,29 @@ class FeatureDataset:
 
     def __getitem__(self, index: int) -> dict:
         return {"features": self.features[index], "labels": self.labels[index]}
+
+
+# --------------------------------------------------------------------------------------------
+# The data report (`finetune data`)
+# --------------------------------------------------------------------------------------------
+
+
+def report_facts(recipe: Recipe):
+    """The rows as `prepare_image_data` reads them, for the data report: labels per split, and exact duplicates by
+    the image file's bytes. Images are not decoded here (training and `finetune validate --data` decode each once)."""
+    import hashlib
+
+    from finetune.data.classification import report_rows
+    from finetune.data.report import DataFacts, RowFacts
+
+    rows, tally, notes = report_rows(recipe, lambda sources: load_image_rows(sources, recipe, decode=False), False)
+
+    def facts():
+        for row, split in rows:
+            image = row["image"]
+            content = image if isinstance(image, bytes) else Path(image).read_bytes()
+            key = int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little") or 1
+            yield RowFacts(split=split, origin=row["origin"], key=key, labels=tuple(str(v) for v in row["labels"]))
+
+    return DataFacts(rows=facts(), batching="images", max_length=None, micro_batch_size=recipe.train.micro_batch_size,
+                     tally=tally, trains_on="labels", notes=notes)

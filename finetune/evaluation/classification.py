@@ -14,7 +14,7 @@ def classify(classifier, model, rows: list[dict], batch_size: int = 32) -> tuple
 
     from finetune.evaluation.classifier import predict_logits
     from finetune.metrics import classification_report
-    from finetune.tasks.classification import predictions_from_logits
+    from finetune.metrics.classification import predictions_from_logits
 
     labels = classifier.labels
     texts = [r["text"] for r in rows]

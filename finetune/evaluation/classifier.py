@@ -52,7 +52,7 @@ def load_classifier(target: str | Path) -> Classifier:
     from finetune.models.quantization import use_exact_4bit_kernels
     from finetune.recipe import load_recipe
     from finetune.runtime import resolve_runtime
-    from finetune.tasks.classification import check_max_length, match_pad_token
+    from finetune.models.text_classifier import check_max_length, match_pad_token
 
     folder = run_folder(target)
     recipe = load_recipe(folder / "recipe.yaml")

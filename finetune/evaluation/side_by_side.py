@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.checks import new_tokens_problem
 from finetune.errors import DataError, FinetuneError
 from finetune.evaluation.source import EvalSource, resolve_source
 from finetune.evaluation.variants import choose_variants, load_variants
@@ -71,7 +72,11 @@ def evaluate_run(target: str | Path, options: EvalOptions | None = None) -> tupl
     runtime = resolve_runtime(recipe)
     apply_threads(runtime)
 
-    # Everything that can fail without a model fails here: the data rows and the task names.
+    # Everything that can fail without a model fails here: the data rows, the task names, the generation length.
+    if options.max_new_tokens is not None:
+        problem = new_tokens_problem(recipe, options.max_new_tokens, "--max-new-tokens")
+        if problem:
+            raise FinetuneError(problem)
     tokenizer = _tokenizer(source)
     rows, data_name = held_out_rows(source, options.data, tokenizer, limit)
     evaluation = Evaluation(source, names, data_name, notes=notes)
@@ -98,10 +103,13 @@ def evaluate_run(target: str | Path, options: EvalOptions | None = None) -> tupl
 
 
 def check_eval_settings(recipe) -> None:
-    """For `eval.after_training`: what would stop the evaluation, found before training instead of after it."""
+    """The lm_eval tasks `eval.tasks` names, and for `eval.after_training` what would stop the evaluation: found by
+    `finetune validate` and before training instead of after it."""
+    source = EvalSource(recipe, run_dir=None, merged_dir=None, has_adapter=recipe.adapter.type != "none")
+    if recipe.eval.tasks:
+        _tasks(source, recipe.eval.tasks)
     if not recipe.eval.after_training:
         return
-    source = EvalSource(recipe, run_dir=None, merged_dir=None, has_adapter=recipe.adapter.type != "none")
     if recipe.eval.variants and "merged" in recipe.eval.variants and recipe.is_quantized:
         raise FinetuneError(
             "eval.variants: merged, with eval.after_training, on a quantized base: the merged model needs "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from finetune.dtypes import name_of, torch_dtype
 from finetune.errors import FinetuneError
+from finetune.merge.plan import check_output_folder
 from finetune.registry import traits
 
 VERIFY_IMAGES = 8
@@ -61,15 +62,7 @@ def check_image_merge(run: ImageRun, out: Path, overwrite: bool, base, quantize,
             f"{run.adapter_dir}: no adapter_config.json; this image run trained without LoRA (adapter: {run.recipe.adapter.type}) "
             "and its folder already holds the whole model."
         )
-    out = out.resolve()
-    adapter = run.adapter_dir.resolve()
-    if out == adapter or out in adapter.parents or adapter in out.parents:
-        raise FinetuneError(f"--out {out} overlaps the adapter folder {adapter}; choose a separate folder.")
-    if out.exists() and not out.is_dir():
-        raise FinetuneError(f"--out {out} exists and is not a folder.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FinetuneError(f"--out {out} is not empty; pass --overwrite to replace it.")
-    return out
+    return check_output_folder(out, overwrite, {"adapter": run.adapter_dir})  # the base is rebuilt: no folder
 
 
 def verification_images(size: int):

@@ -123,8 +123,14 @@ def resolve_inputs(adapter: str | Path, base: str | None) -> MergeInputs:
 
 def check_output(out: Path, overwrite: bool, inputs: MergeInputs) -> Path:
     """The absolute output folder; refuses a non-empty one (without overwrite) and one overlapping the inputs."""
+    return check_output_folder(out, overwrite, {"adapter": inputs.adapter_dir, "base model": inputs.base_dir})
+
+
+def check_output_folder(out: Path, overwrite: bool, inputs: dict[str, Path]) -> Path:
+    """The absolute output folder; refuses a non-empty one (without overwrite) and one overlapping any of `inputs`
+    (what each folder is -> the folder)."""
     out = out.resolve()
-    for name, folder in (("adapter", inputs.adapter_dir), ("base model", inputs.base_dir)):
+    for name, folder in inputs.items():
         folder = folder.resolve()
         if out == folder or out in folder.parents or folder in out.parents:
             raise FinetuneError(f"--out {out} overlaps the {name} folder {folder}; choose a separate folder.")

@@ -1,15 +1,13 @@
-"""Classification metrics that work offline: `evaluate` modules shipped with the kit (for the names a recipe's
-`eval.metrics` gives), and the full report every evaluation writes, computed with scikit-learn directly.
+"""Classification metrics that work offline: the full report every evaluation writes, computed with scikit-learn,
+and the names a recipe's `eval.metrics` selects from it (`REPORT_METRICS`, the one place they are defined).
 
-`evaluate.load("accuracy")` needs the Hugging Face Hub (the evaluate wheel ships no metric scripts), so the
-kit ships its own modules in evaluate's format next to this file and loads them by path. Each one is a
-single self-contained script: evaluate copies it into `HF_MODULES_CACHE` and imports it from there, so it
-cannot import from this package.
+Any other name in `eval.metrics` is an `evaluate` module: a path to its script, or a hub name when online.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,25 +19,30 @@ from finetune.metrics.plots import plot_confusion_matrix
 if TYPE_CHECKING:
     import evaluate
 
-__all__ = ["SHIPPED", "METRICS_DIR", "load_metric", "classification_report", "plot_confusion_matrix"]
+__all__ = ["REPORT_METRICS", "SHIPPED", "load_metric", "classification_report", "plot_confusion_matrix"]
 
-SHIPPED = ("accuracy", "f1", "precision", "recall", "confusion_matrix")
-METRICS_DIR = Path(__file__).resolve().parent
 _AVERAGES = ("macro", "micro", "weighted")
+# `eval.metrics` name -> the numbers of `classification_report` the Trainer logs for it; all of them by default.
+REPORT_METRICS: dict[str, list[str]] = {
+    "accuracy": ["accuracy"],
+    **{name: [f"{name}_{average}" for average in _AVERAGES] for name in ("f1", "precision", "recall")},
+    "confusion_matrix": [],  # not a number: in eval_metrics.json and confusion_matrix.png, not in the Trainer's logs
+}
+SHIPPED = tuple(REPORT_METRICS)  # the names that work offline
 
 
 def load_metric(name: str, config_name: str | None = None, **load_kwargs: Any) -> evaluate.EvaluationModule:
-    """Load a metric: a shipped name (works offline), a path to an evaluate script or folder, else a hub name.
+    """Load an `evaluate` module for an `eval.metrics` name the report does not serve: a path to a script or a
+    folder holding one, else a hub name (online only).
 
-    Shipped names win over the hub; ask for the hub's own module as `evaluate-metric/<name>`.
     `config_name="multilabel"` selects multi-hot inputs. Results are kept in memory unless
     `keep_in_memory=False` is passed (it must be, for distributed evaluation with `num_process > 1`).
     """
+    if name in REPORT_METRICS:
+        raise ValueError(f"metric {name!r} is served by classification_report, not loaded as a module")
     import evaluate  # slow to import (pulls in datasets): only when a metric is needed
 
     load_kwargs.setdefault("keep_in_memory", load_kwargs.get("num_process", 1) == 1)
-    if name in SHIPPED:
-        return evaluate.load(str(METRICS_DIR / f"{name}.py"), config_name, **load_kwargs)
     path = Path(name).expanduser()
     if path.exists() or name.endswith(".py") or name.startswith((".", "/", "~")):
         return evaluate.load(_script_path(path), config_name, **load_kwargs)
@@ -57,6 +60,32 @@ def load_metric(name: str, config_name: str | None = None, **load_kwargs: Any) -
         ) from err
 
 
+def metric_problems(names: list[str]) -> list[str]:
+    """`eval.metrics` entries that cannot load, found without importing evaluate: a script path that is not there,
+    a name that is not shipped and looks like a typo of one that is, a hub name while the hub is offline."""
+    problems = []
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE"))
+    for name in names:
+        if name in SHIPPED:
+            continue
+        path = Path(name).expanduser()
+        if path.exists() or name.endswith(".py") or name.startswith((".", "/", "~")):
+            try:
+                _script_path(path)
+            except FinetuneError as exc:
+                problems.append(f"eval.metrics: {exc}.")
+            continue
+        close = difflib.get_close_matches(name, SHIPPED, n=1)
+        if close or offline:
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            why = "the hub is offline here (HF_HUB_OFFLINE)" if offline else f"write evaluate-metric/{name} for the hub's module"
+            problems.append(
+                f"eval.metrics: '{name}' is not a metric shipped with the kit{hint}; {why}. "
+                f"Shipped metrics (offline): {', '.join(SHIPPED)}; or the path to an evaluate metric script."
+            )
+    return problems
+
+
 def _script_path(path: Path) -> str:
     """The script evaluate would load for `path`, checked here so a bad path is a user error, not a hub lookup."""
     script = path / f"{path.name}.py" if path.is_dir() else path
@@ -71,8 +100,7 @@ def classification_report(
 ) -> dict[str, Any]:
     """Accuracy, macro/micro/weighted precision-recall-F1, per-class scores and the confusion matrix.
 
-    Computed with scikit-learn directly (the same functions the shipped `evaluate` modules call, without loading
-    five modules per evaluation). Single-label: `predictions`/`references` are class ids in `[0, len(label_names))`.
+    Computed with scikit-learn. Single-label: `predictions`/`references` are class ids in `[0, len(label_names))`.
     Multi-label: multi-hot rows of width `len(label_names)`; accuracy is then subset accuracy (every label of a row
     right) and the confusion matrix is one `[[TN, FP], [FN, TP]]` per label. Every class counts in the macro averages
     even when absent from the data, and a score whose denominator is zero is 0 (scikit-learn's `zero_division=0`).

@@ -10,6 +10,7 @@ from pathlib import Path
 from finetune.errors import FinetuneError
 from finetune.models.quantization import use_exact_4bit_kernels
 from finetune.recipe import Recipe
+from finetune.recipe.schema import is_pattern
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ def build_lora_config(recipe: Recipe, task_type: str, head_modules: list[str] | 
     from peft import LoraConfig
 
     targets = a.target_modules
-    target = "all-linear" if targets == ["all-linear"] else targets
+    # PEFT reads a string as `all-linear` or a regular expression matched against whole names, a list as names.
+    target = targets[0] if targets == ["all-linear"] or is_pattern(targets[0]) else targets
     modules_to_save = list(a.modules_to_save or [])
     for head in head_modules or []:
         if head not in modules_to_save:

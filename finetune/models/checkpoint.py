@@ -117,6 +117,24 @@ def model_problem(model: ModelConfig) -> str | None:
     return None
 
 
+def tokenizer_problem(model: ModelConfig) -> str | None:
+    """`model.tokenizer` (a new model's tokenizer): a local folder must hold a tokenizer; hub ids load later."""
+    if model.tokenizer is None:
+        return None
+    try:
+        name = str(resolve_package_path(model.tokenizer, key="model.tokenizer")) if model.tokenizer.startswith(PACKAGE_SCHEME) else model.tokenizer
+    except FinetuneError as exc:
+        return str(exc)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")):
+            return None
+        return f"model.tokenizer: {folder} holds no tokenizer (no tokenizer.json or tokenizer_config.json)."
+    if folder.exists():
+        return f"model.tokenizer: {name} is a file; give the folder that holds the tokenizer."
+    return f"model.tokenizer: {name} not found (no such folder)." if _looks_like_a_path(name) else None
+
+
 def model_config(model: ModelConfig) -> tuple[dict, str] | None:
     """The model's config (as config.json holds it) and where it was read, without loading any weights: a local
     folder's config.json, a GGUF's converted folder or else its header, or a hub id's config.json in the local hub

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 
@@ -70,54 +69,22 @@ def convert_gguf(folder: Path, gguf_file: str) -> Path:
     return target
 
 
-# GGUF metadata value types (the GGUF spec): fixed-size scalars by their struct format; 8 is a string, 9 an array.
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
 def gguf_metadata(source: Path) -> dict:
     """The scalar and string metadata of a GGUF file (`general.architecture`, `llama.context_length`...), read from
-    its header with `struct` alone: no tensors, no arrays (the tokenizer's are skipped), no numpy. Raises ValueError
-    for a file that is not GGUF version 2 or 3."""
-    with open(source, "rb") as fh:
+    its header by `gguf`'s reader (the tensors stay memory-mapped, unread; arrays such as the tokenizer's are left
+    out). Raises ValueError for a file that is not GGUF version 2 or 3."""
+    from gguf import GGUFReader, GGUFValueType
 
-        def read(fmt: str):
-            size = struct.calcsize("<" + fmt)
-            data = fh.read(size)
-            if len(data) != size:
-                raise ValueError(f"{source}: the GGUF header ends early")
-            return struct.unpack("<" + fmt, data)[0]
-
-        def string() -> str:
-            return fh.read(read("Q")).decode("utf-8", "replace")
-
-        def skip(kind: int) -> None:
-            if kind == _STRING:
-                fh.seek(read("Q"), 1)
-            elif kind == _ARRAY:
-                item, count = read("I"), read("Q")
-                if item in _SCALARS:
-                    fh.seek(count * struct.calcsize("<" + _SCALARS[item]), 1)
-                else:
-                    for _ in range(count):
-                        skip(item)
-            elif kind in _SCALARS:
-                fh.seek(struct.calcsize("<" + _SCALARS[kind]), 1)
-            else:
-                raise ValueError(f"{source}: unknown GGUF value type {kind}")
-
-        if fh.read(4) != b"GGUF" or read("I") not in (2, 3):
-            raise ValueError(f"{source}: not a GGUF file of version 2 or 3")
-        read("Q")  # tensor count
-        metadata = {}
-        for _ in range(read("Q")):
-            key, kind = string(), read("I")
-            if kind == _STRING:
-                metadata[key] = string()
-            elif kind in _SCALARS:
-                metadata[key] = read(_SCALARS[kind])
-            else:
-                skip(kind)
+    try:
+        reader = GGUFReader(source)
+    except (ValueError, IndexError, KeyError, OverflowError) as err:  # bad magic or version, a header that ends early
+        raise ValueError(f"{source}: not a GGUF file of version 2 or 3, or its header is damaged ({err})") from err
+    metadata = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or len(field.types) != 1 or field.types[0] == GGUFValueType.ARRAY:
+            continue  # the reader's own header fields (version, counts), and arrays
+        value = field.parts[field.data[0]]
+        metadata[name] = bytes(value).decode("utf-8", "replace") if field.types[0] == GGUFValueType.STRING else value.item()
     return metadata
 
 

@@ -31,3 +31,16 @@ def resolve_chat_template(value: str) -> str:
     raise FinetuneError(
         f"model.chat_template: {value!r} is neither a built-in template ({', '.join(BUILTIN)}), a file, nor Jinja text."
     )
+
+
+def chat_template_problem(value: str | None) -> str | None:
+    """What keeps `model.chat_template` from resolving (a missing file, an unknown name), checked before loading."""
+    if value is None:
+        return None
+    try:
+        resolve_chat_template(value)
+    except FinetuneError as exc:
+        return str(exc)
+    except OSError as exc:  # a file that cannot be read
+        return f"model.chat_template: cannot read {value}: {exc.strerror or exc}"
+    return None

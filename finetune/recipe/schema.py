@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -162,6 +163,11 @@ class ModelConfig(Section):
         )
 
 
+def is_pattern(entry: str) -> bool:
+    """Whether a module-name entry is a regular expression (PEFT matches a string against whole names), not a name."""
+    return re.fullmatch(r"[\w.-]+", entry) is None
+
+
 class AdapterConfig(Section):
     """The parameter-efficient adapter (PEFT) attached to the model, or `none` for a full fine-tune."""
 
@@ -177,7 +183,9 @@ class AdapterConfig(Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
         description="Module names (or suffixes) to adapt, or `all-linear` for every linear layer except the output head "
-        "(image_classification: every linear layer and 2-D convolution of the backbone, depthwise convolutions left out).",
+        "(image_classification: every linear layer and 2-D convolution of the backbone, depthwise convolutions left out), "
+        "or one regular expression matched against whole module names (e.g. `.*\\.layers\\.[0-3]\\..*_proj`). "
+        "Checked against the model's own module names before it loads.",
     )
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale by alpha/sqrt(r) instead of alpha/r.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
@@ -202,6 +210,27 @@ class AdapterConfig(Section):
     @classmethod
     def _one_string_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_name_something(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(
+                "an empty list adapts nothing; write all-linear (every linear layer but the output head), or the "
+                "layers' names, e.g. [q_proj, v_proj]"
+            )
+        patterns = [v for v in value if is_pattern(v)]
+        if patterns and len(value) > 1:
+            raise ValueError(
+                f"{patterns[0]!r} is a regular expression (matched against whole module names, as PEFT does), which "
+                "must be the only entry: join the alternatives in one expression, or list plain names"
+            )
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return value
 
 
 class QuantizationConfig(Section):
@@ -405,8 +434,6 @@ class ImageConfig(Section):
     @field_validator("key_map")
     @classmethod
     def _patterns_compile(cls, value: dict[str, str]) -> dict[str, str]:
-        import re
-
         for pattern in value:
             try:
                 re.compile(pattern)
@@ -468,6 +495,13 @@ class TrainConfig(Section):
         "auto", description="`auto`: bf16 on GPUs that support it, fp32 on CPU (bf16 is slower on CPUs without AVX512-bf16)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    kernels: Literal["liger"] | None = Field(
+        None,
+        description="`liger`: Liger's Triton kernels on CUDA GPUs (fused linear cross-entropy on the labelled "
+        "positions only, RMSNorm, SwiGLU, RoPE) for causal LMs, through transformers' `use_liger_kernel`; needs "
+        "`pip install liger-kernel`. Unset: PyTorch's kernels, and the kit's loss through the LM head on the "
+        "labelled positions only.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` uses a GPU when one is visible, else the CPU.")
     num_threads: int | None = Field(
         None, gt=0, description="CPU threads per process. Default: the cores this process may use, divided among local processes."

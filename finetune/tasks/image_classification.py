@@ -2,9 +2,9 @@
 backbone (`adapter: lora`), the head alone (`adapter: head`) or every weight (`adapter: none`), via the Trainer.
 
 Rows and images, checked (finetune/data/images.py) → model built, checkpoint loaded partially, head replaced
-(finetune/models/vision.py) → input size checked, backbone frozen as the mode says → adapter → train → save
+(finetune/models/vision/) → input size checked, backbone frozen as the mode says → adapter → train → save
 adapter (or model), `labels.json`, `preprocessing.json` → the classification report and confusion matrix. The
-metrics are the text classifier's (finetune/tasks/classification.py); `finetune predict --image` loads the run.
+metrics are the text classifier's (finetune/metrics/classification.py); `finetune predict --image` loads the run.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 from finetune.data.images import ImageDataset, Preprocessing, load_image_rows, prepare_image_data, recipe_preprocessing
 from finetune.recipe import DataSource, Recipe
 from finetune.tasks.base import Task
-from finetune.tasks.classification import ClassificationMetrics, check_best_metric, write_eval_report
+from finetune.metrics.classification import ClassificationMetrics, check_best_metric
+from finetune.tasks.classification import write_eval_report
 
 log = logging.getLogger("finetune")
 
@@ -59,6 +60,12 @@ class ImageClassificationTask(Task):
     @classmethod
     def read_rows(cls, recipe: Recipe, sources: list[DataSource], tokenizer=None):
         return load_image_rows(sources, recipe)
+
+    @classmethod
+    def data_facts(cls, recipe: Recipe, tokenizer=None):
+        from finetune.data.images import report_facts
+
+        return report_facts(recipe)
 
     def load_base(self):
         # No tokenizer: the preprocessing follows the checkpoint, settled once the model is built (prepare_model).
