@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from finetune.commands.common import recipe_key_help
 
 HELP = "Export a run or merged model as a GGUF file for llama.cpp and Ollama, verified against the merged model."
 
@@ -16,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--format", choices=("gguf",), default="gguf", help="File format (gguf).")
     parser.add_argument(
-        "--quant", default="q8_0", choices=("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"), help=recipe_key_help("export.quant")
+        "--quant", default="q8_0", choices=("f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"),
+        help="Tensor type of the file's matrices (norms stay f32); the recipe's export section uses the same names."
     )
     parser.add_argument("--out", required=True, help="The .gguf file to write (its Modelfile and report go beside it).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing file (and its Modelfile, report).")
