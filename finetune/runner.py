@@ -14,6 +14,7 @@ from finetune.checks import check_recipe, recipe_warnings
 from finetune.distributed.guards import check_world_size, join_process_group
 from finetune.errors import RunInterrupted
 from finetune.evaluation.side_by_side import check_eval_settings
+from finetune.merge.gguf_export import export_finished_run
 from finetune.models.parameters import count_parameters, dtype_bytes
 from finetune.recipe import Recipe
 from finetune.runtime import Runtime, apply_threads, resolve_runtime
@@ -168,4 +169,6 @@ def _train(recipe: Recipe, start: Start, callbacks) -> RunResult:
         extra.update(task.save_outputs(trainer, out, extra))
     trainer.accelerator.wait_for_everyone()
     metrics = save_run_files(trainer, recipe, out, plan, extra)
+    if recipe.export.format and runtime.is_main:  # after the run files: the export reads the saved run folder
+        export_finished_run(recipe, out)
     return RunResult(metrics, trainer.model, tokenizer, out, trainer)

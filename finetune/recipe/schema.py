@@ -600,6 +600,21 @@ class MergeConfig(Section):
     )
 
 
+class ExportConfig(Section):
+    """Export at the end of `finetune train` (the same as `finetune export` on the run folder)."""
+
+    format: Literal["gguf"] | None = Field(
+        None, description="Write the finished run as this format after training: `gguf` (llama.cpp, Ollama); "
+        "default: no export."
+    )
+    quant: Literal["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = Field(
+        "q8_0", description="Tensor type of the GGUF file's matrices (norms stay f32)."
+    )
+    out: str | None = Field(
+        None, description="Path of the exported file; default: `<output.dir>/<its name>-<quant>.gguf`."
+    )
+
+
 class Recipe(Section):
     """A fine-tuning recipe."""
 
@@ -620,6 +635,7 @@ class Recipe(Section):
     )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
