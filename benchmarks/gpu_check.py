@@ -192,6 +192,8 @@ def _build_models(weights: str, assets: str | None, folder: str, needed: tuple[s
 BUNDLE_PACKAGES = ("transformers", "trl", "peft", "datasets", "evaluate", "bitsandbytes", "deepspeed", "hjson", "pydantic",
                    "pydantic_core", "annotated-types", "typing-inspection", "gguf", "multiprocess", "dill", "regex", "fsspec",
                    "rouge-score", "nltk")
+# Not installed here (its Triton kernels need a GPU), so pinned by name: benchmarks/gpu_train.py's `kit-liger`.
+PINNED_WHEELS = {"liger-kernel": "0.8.5"}
 SDIST_ONLY = ("deepspeed", "rouge-score")  # built into pure-Python wheels here (pip reuses its cached builds)
 BITSANDBYTES_KEEP = ("cuda130", "cuda132", "_cpu")
 
@@ -208,8 +210,8 @@ def pack(target: Path, python_version: str = "3.12") -> None:
     wheels = target / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     platforms = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")]
-    for name in BUNDLE_PACKAGES:
-        spec = f"{name}=={version(name)}"
+    for name in (*BUNDLE_PACKAGES, *PINNED_WHEELS):
+        spec = f"{name}=={PINNED_WHEELS.get(name) or version(name)}"
         if name in SDIST_ONLY:
             cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), spec]
         else:

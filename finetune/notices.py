@@ -14,6 +14,8 @@ NOTICES = {
     "bitsandbytes.backends.cpu.ops": ("kernels-community",),
     # DeepSpeed announces the CPU accelerator in every process.
     "DeepSpeed": ("Setting accelerator to CPU",),
+    # gguf's writer narrates the file it writes (endianness, the file's name and size); `finetune export` reports it.
+    "gguf.gguf_writer": ("This GGUF file is for", "Writing the following files", "n_tensors = "),
 }
 
 

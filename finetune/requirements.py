@@ -51,6 +51,8 @@ REQUIREMENTS = (
                 lambda r: r.deepspeed),
     Requirement("model.attn_implementation", ("flash_attn",), "pip install flash-attn --no-build-isolation (CUDA only)",
                 "or use sdpa", lambda r: r.model.attn_implementation if r.model.attn_implementation == "flash_attention_2" else None),
+    Requirement("train.kernels", ("liger_kernel",), "pip install 'finetune-kit[kernels]' (CUDA only)",
+                "or remove train.kernels", lambda r: r.train.kernels if r.train.device != "cpu" else None),
     Requirement("eval.tasks", ("lm_eval",), "pip install 'finetune-kit[eval]'", "or eval.tasks: []",
                 lambda r: ", ".join(r.eval.tasks) if r.eval.tasks else None),
     Requirement("eval.metrics", ("evaluate",), "pip install evaluate", "or remove eval.metrics",

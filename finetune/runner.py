@@ -14,6 +14,7 @@ from finetune.checks import check_recipe, recipe_warnings
 from finetune.distributed.guards import check_world_size, join_process_group
 from finetune.errors import RunInterrupted
 from finetune.evaluation.side_by_side import check_eval_settings
+from finetune.merge.gguf_export import export_finished_run
 from finetune.models.parameters import count_parameters, dtype_bytes
 from finetune.recipe import Recipe
 from finetune.runtime import Runtime, apply_threads, resolve_runtime
@@ -104,6 +105,17 @@ def run(recipe: Recipe, callbacks=()) -> RunResult:
         start.release()
 
 
+def data_record(recipe: Recipe, task, tokenizer) -> dict | None:
+    """The data report's verdict and figures (leakage, duplicates, truncation) for the plan and train_metrics.json;
+    None for a task without the `data_facts` hook."""
+    from finetune.data.report import run_record
+
+    try:
+        return run_record(recipe, lambda: task.data_facts(recipe, tokenizer), tokenizer)
+    except NotImplementedError:
+        return None
+
+
 def _train(recipe: Recipe, start: Start, callbacks) -> RunResult:
     from accelerate import PartialState
 
@@ -113,6 +125,7 @@ def _train(recipe: Recipe, start: Start, callbacks) -> RunResult:
     # Data before the model: a bad row or an unknown metric costs seconds, not a model load. The main process
     # tokenizes first and caches; the others then read its cache instead of racing it.
     task.prepare_data(tokenizer, path, PartialState().main_process_first)
+    data = data_record(recipe, task, tokenizer) if runtime.is_main else None
 
     model = task.load_model(path)
     heads = task.prepare_model(model, tokenizer)  # on the bare model: PEFT's wrapper hides its head
@@ -136,7 +149,8 @@ def _train(recipe: Recipe, start: Start, callbacks) -> RunResult:
                      memory=memory, **task.plan_rows(trainer))
     if runtime.is_main:
         print(plan.render(), flush=True)
-        for key, value in [*task.plan_lines(), ("start", f"{start.point.describe()} of {plan.steps} steps")]:
+        verdict = [("data report", data["verdict"])] if data else []
+        for key, value in [*task.plan_lines(), *verdict, ("start", f"{start.point.describe()} of {plan.steps} steps")]:
             print(f"  {key.ljust(15)}  {value}", flush=True)
 
     checkpoint = str(start.point.checkpoint) if start.point.checkpoint else None
@@ -148,11 +162,13 @@ def _train(recipe: Recipe, start: Start, callbacks) -> RunResult:
             f"{out / f'checkpoint-{stop.stopped_at}'}. Run the same command again to resume from it."
         )
     trainer.save_model(str(out))  # PEFT adapter folder (gathered from all ranks under ZeRO-3), head, tokenizer
-    extra = {"skipped_rows": task.skipped, **task.metrics_extra()}
+    extra = {"skipped_rows": task.skipped, **task.metrics_extra(), **({"data_report": data} if data else {})}
     if has_eval:
         extra["eval"] = final_evaluation(trainer, recipe)
     if trainer.is_world_process_zero():
         extra.update(task.save_outputs(trainer, out, extra))
     trainer.accelerator.wait_for_everyone()
     metrics = save_run_files(trainer, recipe, out, plan, extra)
+    if recipe.export.format and runtime.is_main:  # after the run files: the export reads the saved run folder
+        export_finished_run(recipe, out)
     return RunResult(metrics, trainer.model, tokenizer, out, trainer)

@@ -323,3 +323,28 @@ def tiny_same_padding_net(num_classes: int = 10, depth: int = 22):
             return self.fc(x.mean((2, 3)))
 
     return Net()
+
+
+def uneven_chat_rows(path, n: int = 24, seed: int = 0):
+    """Chat rows of very different lengths, so a padded batch is mostly padding."""
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for _ in range(n):
+            country = rng.choice(list(CAPITALS))
+            chatter = " ".join(rng.choices(FILLER, k=rng.randint(0, 30)))
+            row = {"messages": [
+                {"role": "user", "content": f"{chatter} what is the capital of {country}".strip()},
+                {"role": "assistant", "content": CAPITALS[country] + (" " + chatter if rng.random() < 0.5 else "")},
+            ]}  # fmt: skip
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def packed_row(examples: list[list[int]]) -> tuple:
+    """input_ids, position_ids and boundaries of `examples` back to back, as TRL's padding-free collator builds them."""
+    import torch
+
+    ids = torch.tensor([t for ex in examples for t in ex])[None]
+    positions = torch.cat([torch.arange(len(ex)) for ex in examples])[None]
+    bounds = torch.tensor([0, *torch.tensor([len(ex) for ex in examples]).cumsum(0).tolist()], dtype=torch.int32)
+    return ids, positions, bounds

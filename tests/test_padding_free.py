@@ -2,37 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import random
-
 import pytest
 import torch
 
 from finetune.recipe import validate_recipe
-from support import CAPITALS, FILLER, sft_recipe
-
-
-def uneven_chat_rows(path, n: int = 24, seed: int = 0):
-    """Chat rows of very different lengths, so a padded batch is mostly padding."""
-    rng = random.Random(seed)
-    with path.open("w") as fh:
-        for _ in range(n):
-            country = rng.choice(list(CAPITALS))
-            chatter = " ".join(rng.choices(FILLER, k=rng.randint(0, 30)))
-            row = {"messages": [
-                {"role": "user", "content": f"{chatter} what is the capital of {country}".strip()},
-                {"role": "assistant", "content": CAPITALS[country] + (" " + chatter if rng.random() < 0.5 else "")},
-            ]}  # fmt: skip
-            fh.write(json.dumps(row) + "\n")
-    return path
-
-
-def packed_row(examples: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, position_ids and boundaries of `examples` back to back, as TRL's padding-free collator builds them."""
-    ids = torch.tensor([t for ex in examples for t in ex])[None]
-    positions = torch.cat([torch.arange(len(ex)) for ex in examples])[None]
-    bounds = torch.tensor([0, *torch.tensor([len(ex) for ex in examples]).cumsum(0).tolist()], dtype=torch.int32)
-    return ids, positions, bounds
+from support import packed_row, sft_recipe, uneven_chat_rows
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -116,7 +90,7 @@ def test_padding_free_training_equals_padded(tiny_llama_dir, tmp_path):
 
 def test_plan_says_how_batches_are_built(tiny_llama_dir, tmp_path, capsys):
     _run(tiny_llama_dir, tmp_path, padding_free=True, max_steps=1)
-    assert "padding-free (examples back to back, attention per example: sdpa_packed)" in capsys.readouterr().out
+    assert "padding-free (examples back to back, attention per example: sdpa_packed, SDPA per example; the varlen flash kernel is not used: not on CUDA)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("padding_free", [False, True])

@@ -203,3 +203,59 @@ def tokenize_classification(rows: list[dict], tokenizer, labels: LabelMap, max_l
     columns = dict(encoded)
     columns["labels"] = [labels.encode(r["labels"]) for r in rows]
     return datasets.Dataset.from_dict(columns)
+
+
+# --------------------------------------------------------------------------------------------
+# The data report (`finetune data`)
+# --------------------------------------------------------------------------------------------
+
+
+def report_rows(recipe: Recipe, read: Callable[[list[DataSource]], Rows], multi_label: bool):
+    """The rows `split_labelled` gives, each with its split ("train" or "eval"), what reading skipped, and the notes
+    of what its checks would stop on (the report shows them rather than stopping): for the data report."""
+    from finetune.data.report import Tally
+    from finetune.data.rows import held_out_order
+
+    data = recipe.data
+    train = read(data.train)
+    tally = Tally(train.skipped, list(train.problems))
+    rows = [(row, "train") for row in train.rows]
+    if data.eval:
+        held = read(data.eval)
+        tally.skipped += held.skipped
+        tally.problems += held.problems
+        rows += [(row, "eval") for row in held.rows]
+    if data.eval_fraction:
+        out = set(held_out_order(len(train.rows), data.eval_fraction, data.seed))
+        rows = [(row, "eval" if index in out else split) for index, (row, split) in enumerate(rows)]
+    notes = []
+    labels = LabelMap.from_training([r["labels"] for r in train.rows], multi_label)
+    needed = 1 if multi_label else 2
+    if len(labels.names) < needed:
+        notes.append(f"the training data has {len(labels.names)} distinct label(s); this classifier needs at least "
+                     f"{needed}: training stops")
+    return rows, tally, notes
+
+
+def report_facts(recipe: Recipe, tokenizer):
+    """The rows as `prepare_classification_data` and `tokenize_classification` read them (same rows, split and
+    truncation), for the data report."""
+    from finetune.data.report import DataFacts, RowFacts
+
+    c, data = recipe.classification, recipe.data
+    rows, tally, notes = report_rows(recipe, lambda sources: load_classification_rows(sources, recipe), c.multi_label)
+    # What the tokenizer reads at most (`models.text_classifier.check_max_length` also caps it by the model's
+    # position table, read from its config: not read here).
+    reads = tokenizer.model_max_length if tokenizer.model_max_length and tokenizer.model_max_length < 1_000_000 else None
+    limit = min(data.max_length, reads) if reads else data.max_length
+
+    def facts():
+        for row, split in rows:
+            ids = tokenizer(row["text"], row["text_pair"], verbose=False)["input_ids"]
+            kept = min(len(ids), limit)
+            text = row["text"] if row["text_pair"] is None else f"{row['text']}\n{row['text_pair']}"
+            yield RowFacts(split=split, origin=row["origin"], text=text, tokens=len(ids), trained=len(ids), kept=kept,
+                           trained_kept=kept, labels=tuple(str(v) for v in row["labels"]), ids=ids)
+
+    return DataFacts(rows=facts(), batching="padded", max_length=limit, micro_batch_size=recipe.train.micro_batch_size,
+                     tally=tally, decode=tokenizer.decode, trains_on="labels", notes=notes)

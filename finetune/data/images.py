@@ -88,9 +88,10 @@ def _image_value(value, column: str, base: Path):
     raise ValueError(f"'{column}' must be an image file path or the image's bytes, got {type(value).__name__}")
 
 
-def load_image_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | None = None) -> Rows:
+def load_image_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | None = None, decode: bool = True) -> Rows:
     """Read every row and decode every image once; a bad row raises with its file and row (or is skipped and
-    counted, per `data.on_bad_row`). Rows are {image, labels, origin}."""
+    counted, per `data.on_bad_row`). Rows are {image, labels, origin}. `decode=False` (the data report, which
+    training's own reading precedes or follows) checks the image's path or bytes only: images are decoded once."""
     import datasets
 
     from finetune.data.rows import is_local, local_path, read_source
@@ -120,7 +121,10 @@ def load_image_rows(sources: list[DataSource], recipe: Recipe, base_dir: Path | 
 
             def build(row=row, origin=origin) -> dict:
                 image = _image_value(row.get(image_column), image_column, base)
-                open_image(image, origin)
+                if decode:
+                    open_image(image, origin)
+                elif isinstance(image, str) and not Path(image).is_file():
+                    raise ValueError(f"image file not found: {image}")
                 return {"image": image, "labels": (_label(row.get(label_column), label_column),), "origin": origin}
 
             out.add(origin, build, on_bad_row)
@@ -284,3 +288,29 @@ class FeatureDataset:
 
     def __getitem__(self, index: int) -> dict:
         return {"features": self.features[index], "labels": self.labels[index]}
+
+
+# --------------------------------------------------------------------------------------------
+# The data report (`finetune data`)
+# --------------------------------------------------------------------------------------------
+
+
+def report_facts(recipe: Recipe):
+    """The rows as `prepare_image_data` reads them, for the data report: labels per split, and exact duplicates by
+    the image file's bytes. Images are not decoded here (training and `finetune validate --data` decode each once)."""
+    import hashlib
+
+    from finetune.data.classification import report_rows
+    from finetune.data.report import DataFacts, RowFacts
+
+    rows, tally, notes = report_rows(recipe, lambda sources: load_image_rows(sources, recipe, decode=False), False)
+
+    def facts():
+        for row, split in rows:
+            image = row["image"]
+            content = image if isinstance(image, bytes) else Path(image).read_bytes()
+            key = int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little") or 1
+            yield RowFacts(split=split, origin=row["origin"], key=key, labels=tuple(str(v) for v in row["labels"]))
+
+    return DataFacts(rows=facts(), batching="images", max_length=None, micro_batch_size=recipe.train.micro_batch_size,
+                     tally=tally, trains_on="labels", notes=notes)

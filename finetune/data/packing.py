@@ -236,3 +236,22 @@ def unigram_baseline(train: TokenSplit, eval_blocks: Blocks, vocab_size: int) ->
         n += targets.size
     loss = total / max(1, n)
     return {"cross_entropy": round(float(loss), 4), "perplexity": round(math.exp(loss), 2), "targets": int(n)}
+
+
+def report_facts(corpus: Corpus, tokenizer, max_length: int, micro_batch_size: int):
+    """The corpus' documents as `tokenize_corpus` tokenizes them (BOS prefix, EOS after each), for the data report:
+    one row per document, every token trained, none cut (documents are packed into blocks)."""
+    from finetune.data.report import DataFacts, RowFacts, Tally
+
+    prefix, eos = document_ids(tokenizer)
+    tally = Tally()
+
+    def facts():
+        for split, texts in (("train", corpus.train_texts(tally)), ("eval", corpus.eval_texts(tally))):
+            for number, text in enumerate(texts, 1):
+                ids = [*prefix, *tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"], eos]
+                yield RowFacts(split=split, origin=f"{split} document {number}", text=text, tokens=len(ids),
+                               trained=len(ids), kept=len(ids), trained_kept=len(ids), ids=ids, trained_mask=[True] * len(ids))
+
+    return DataFacts(rows=facts(), batching="blocks", max_length=max_length, micro_batch_size=micro_batch_size,
+                     tally=tally, decode=tokenizer.decode)

@@ -208,7 +208,7 @@ def jsonl_rows(path: Path, encoding: str | None = None, text: str | None = None)
     """(line number, object) of each non-blank line; a syntax error or a non-object names its line."""
     if text is None:
         text = decoded_text(path, path.read_bytes(), encoding)
-    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+    for number, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -218,6 +218,17 @@ def jsonl_rows(path: Path, encoding: str | None = None, text: str | None = None)
         if not isinstance(value, dict):
             raise DataError(f"{path}, line {number}: expected a JSON object, got {_json_type(value)}")
         yield number, value
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of `text`, split on "\\n" only (JSON strings may hold U+2028, which splitlines() splits on), one at
+    a time: a list of a million lines would hold the file's text a second time."""
+    start = 0
+    while start <= len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        yield text[start:end]
+        start = end + 1
 
 
 def _json_type(value) -> str:
@@ -285,15 +296,10 @@ class Rows:
 
     def add(self, origin: str, build: Callable[[], dict], on_bad_row: str) -> None:
         """Append the row `build` returns; its ValueError is the row's problem: raised with `origin`, or counted."""
-        try:
-            self.rows.append(build())
+        row = checked_row(origin, build, on_bad_row, self)
+        if row is not None:
+            self.rows.append(row)
             self.origins.append(origin)
-        except ValueError as exc:
-            problem = f"{origin}: {exc}"
-            if on_bad_row == "error":
-                raise DataError(problem + "  (set data.on_bad_row: skip to drop such rows and count them)") from None
-            self.skipped += 1
-            self.problems.append(problem)
 
     def checked(self, sources: list[DataSource]) -> Rows:
         """Report what was skipped; no usable row at all is an error."""
@@ -317,14 +323,34 @@ class Rows:
         )
 
 
-def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded held-out split; at least one row on each side."""
+def checked_row(origin: str, build: Callable[[], dict], on_bad_row: str, tally) -> dict | None:
+    """The row `build` returns; its ValueError is the row's problem: raised with `origin`, or counted in `tally`
+    (anything with `skipped` and `problems`) and None returned."""
+    try:
+        return build()
+    except ValueError as exc:
+        problem = f"{origin}: {exc}"
+        if on_bad_row == "error":
+            raise DataError(problem + "  (set data.on_bad_row: skip to drop such rows and count them)") from None
+        tally.skipped += 1
+        tally.problems.append(problem)
+        return None
+
+
+def held_out_order(count: int, fraction: float, seed: int) -> list[int]:
+    """The indices of the rows `split_rows` holds out of `count`, in the held-out split's order."""
     import random
 
-    order = list(range(len(rows)))
+    order = list(range(count))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(rows) * fraction))
-    if n_eval >= len(rows):
-        raise DataError(f"data.eval_fraction {fraction} leaves no training rows out of {len(rows)}")
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in order[:n_eval]]
+    n_eval = max(1, round(count * fraction))
+    if n_eval >= count:
+        raise DataError(f"data.eval_fraction {fraction} leaves no training rows out of {count}")
+    return order[:n_eval]
+
+
+def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded held-out split; at least one row on each side."""
+    order = held_out_order(len(rows), fraction, seed)
+    held = set(order)
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in order]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable, Iterator
 
 from finetune.data.cache import (
     code_digest, file_digest, fingerprint, read_dataset, read_json, tokenizer_fingerprint, write_dataset, write_json,
@@ -190,6 +191,16 @@ def _rows_entry_ok(entry) -> bool:
 
 def _read_rows(sources: list[DataSource], config: DataConfig, chat: bool, base_dir: Path | None = None) -> Rows:
     out = Rows(rows=[])
+    for origin, build in row_builders(sources, config, chat, base_dir):
+        out.add(origin, build, config.on_bad_row)
+    return out
+
+
+def row_builders(
+    sources: list[DataSource], config: DataConfig, chat: bool, base_dir: Path | None = None
+) -> Iterator[tuple[str, Callable[[], dict]]]:
+    """(origin, build) of each row of `sources`, one at a time: `build()` is the row in canonical form, or raises the
+    row's problem as a ValueError (`Rows.add` and the data report decide what a problem does)."""
     for source in sources:
         ds = read_source(source, base_dir)
         fmt = detect_format(ds.column_names, source)
@@ -204,8 +215,7 @@ def _read_rows(sources: list[DataSource], config: DataConfig, chat: bool, base_d
                     _check_one_format(row, fmt)
                 return normalise_row(row, fmt, config.system_prompt, chat)
 
-            out.add(f"{source.path}, row {index + offset}", build, config.on_bad_row)
-    return out
+            yield f"{source.path}, row {index + offset}", build
 
 
 def tokenize_row(row: dict, tokenizer, train_on_inputs: bool) -> dict:
@@ -238,6 +248,11 @@ def first_loss_token(labels: list[int]) -> int | None:
     return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
 
 
+def learns_nothing(first_loss: int | None, max_length: int) -> bool:
+    """A row with no loss token, or none before `max_length` (TRL keeps a row's start), teaches nothing."""
+    return first_loss is None or first_loss >= max_length
+
+
 def keep_learnable(rows: Rows, tokenizer, config: DataConfig, cache: Path | None = None, on_main_first=None):
     """`rows` tokenized, less those with no loss token within `data.max_length`: (the rows kept, their dataset).
 
@@ -251,7 +266,7 @@ def keep_learnable(rows: Rows, tokenizer, config: DataConfig, cache: Path | None
     limit = config.max_length
     cut = []  # (index, why) of rows with nothing to learn within the window
     for index, first in enumerate(first_loss):
-        if first is None or first >= limit:
+        if learns_nothing(first, limit):
             where = f"the prompt alone is {first} tokens" if first is not None else "no token carries a loss"
             cut.append((index, f"{rows.origins[index]}: no completion token within data.max_length={limit} ({where})"))
     if not cut:
@@ -390,3 +405,77 @@ def _first_loss_ok(meta: dict) -> bool:
     first_loss = meta.get("first_loss")
     ok = isinstance(first_loss, list) and len(first_loss) == meta["rows"]
     return ok and all(f is None or isinstance(f, int) for f in first_loss)
+
+
+# --------------------------------------------------------------------------------------------
+# The data report (`finetune data`)
+# --------------------------------------------------------------------------------------------
+
+
+def report_facts(config: DataConfig, tokenizer, batching: str, micro_batch_size: int):
+    """The rows as `prepare_sft_data` reads them, one at a time, for the data report: the same reading, templating,
+    masking, held-out split and `max_length` rule (a row with nothing to learn within it is dropped; a longer row
+    is cut to its start). Rows are read twice under `data.eval_fraction`: once to count them for the split."""
+    from finetune.data.report import DataFacts, Tally
+
+    tally = Tally()
+    facts = DataFacts(rows=(), batching=batching, max_length=config.max_length, micro_batch_size=micro_batch_size,
+                      tally=tally, decode=tokenizer.decode, drop_stops_training=config.on_bad_row == "error")
+    facts.rows = _row_facts(config, tokenizer, tally)
+    return facts
+
+
+def _usable(sources: list[DataSource], config: DataConfig, chat: bool, tally) -> Iterator[tuple[str, dict]]:
+    from finetune.data.rows import checked_row
+
+    for origin, build in row_builders(sources, config, chat):
+        row = checked_row(origin, build, config.on_bad_row, tally)
+        if row is not None:
+            yield origin, row
+
+
+def _row_facts(config: DataConfig, tokenizer, tally):
+    from finetune.data.report import Tally
+    from finetune.data.rows import held_out_order
+
+    chat = bool(tokenizer.chat_template)
+    held: set[int] = set()
+    if config.eval_fraction:  # counted first, as `Rows.split` splits the usable rows of data.train
+        count = sum(1 for _ in _usable(config.train, config, chat, Tally()))
+        held = set(held_out_order(count, config.eval_fraction, config.seed)) if count else set()
+    groups = [("train", config.train)] + ([("eval", config.eval)] if config.eval else [])
+    for split, sources in groups:
+        count = 0
+        for index, (origin, row) in enumerate(_usable(sources, config, chat, tally)):
+            needs_chat_template([row], tokenizer)
+            count += 1
+            yield row_facts(row, origin, "eval" if index in held else split, tokenizer, config)
+        if not count:
+            Rows([], tally.skipped, list(tally.problems)).checked(sources)  # no usable row: the same error as training
+
+
+def row_facts(row: dict, origin: str, split: str, tokenizer, config: DataConfig):
+    """One canonical row's `RowFacts`: tokenized and masked by `tokenize_row`, then what `keep_learnable` and
+    `truncate` do to it."""
+    from finetune.data.report import RowFacts
+
+    encoded = tokenize_row(row, tokenizer, config.train_on_inputs)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    mask = [label != IGNORE_INDEX for label in labels]
+    limit = config.max_length
+    dropped = learns_nothing(first_loss_token(labels), limit)
+    return RowFacts(
+        split=split, origin=origin, text=row_text(row), tokens=len(ids), trained=sum(mask),
+        kept=0 if dropped else min(len(ids), limit), trained_kept=0 if dropped else sum(mask[:limit]),
+        dropped=dropped, ids=ids, trained_mask=mask,
+    )
+
+
+def row_text(row: dict) -> str:
+    """What two rows are compared on for duplicates: the conversation's words less its system prompt (shared by
+    every row when `data.system_prompt` adds one), the prompt and completion, or the text."""
+    if "messages" in row:
+        return "\n".join(m["content"] for m in row["messages"] if m["role"] != "system")
+    if "text" in row:
+        return row["text"]
+    return f"{row['prompt']}\n{row['completion']}"

@@ -16,6 +16,7 @@ from finetune.recipe.schema import (
     Dtype,
     EvalConfig,
     ImageConfig,
+    ExportConfig,
     MergeConfig,
     ModelConfig,
     OutputConfig,
@@ -29,7 +30,7 @@ from finetune.recipe.schema import (
 
 __all__ = [
     "AdapterConfig", "ArchitectureConfig", "ClassificationConfig", "DataConfig", "DataSource", "Dtype", "EvalConfig", "ImageConfig",
-    "MergeConfig", "ModelConfig", "OutputConfig", "PretrainConfig", "QuantizationConfig", "Recipe", "Section", "TrainConfig", "apply_overrides",
+    "ExportConfig", "MergeConfig", "ModelConfig", "OutputConfig", "PretrainConfig", "QuantizationConfig", "Recipe", "Section", "TrainConfig", "apply_overrides",
     "combination_problems", "description", "explain", "format_errors", "load_recipe", "recipe_to_dict", "reference_markdown",
     "save_recipe", "validate_recipe",
 ]

@@ -526,6 +526,13 @@ class TrainConfig(Section):
         "auto", description="`auto`: bf16 on GPUs that support it, fp32 on CPU (bf16 is slower on CPUs without AVX512-bf16)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    kernels: Literal["liger"] | None = Field(
+        None,
+        description="`liger`: Liger's Triton kernels on CUDA GPUs (fused linear cross-entropy on the labelled "
+        "positions only, RMSNorm, SwiGLU, RoPE) for causal LMs, through transformers' `use_liger_kernel`; needs "
+        "`pip install liger-kernel`. Unset: PyTorch's kernels, and the kit's loss through the LM head on the "
+        "labelled positions only.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` uses a GPU when one is visible, else the CPU.")
     num_threads: int | None = Field(
         None, gt=0, description="CPU threads per process. Default: the cores this process may use, divided among local processes."
@@ -624,6 +631,21 @@ class MergeConfig(Section):
     )
 
 
+class ExportConfig(Section):
+    """Export at the end of `finetune train` (the same as `finetune export` on the run folder)."""
+
+    format: Literal["gguf"] | None = Field(
+        None, description="Write the finished run as this format after training: `gguf` (llama.cpp, Ollama); "
+        "default: no export."
+    )
+    quant: Literal["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = Field(
+        "q8_0", description="Tensor type of the GGUF file's matrices (norms stay f32)."
+    )
+    out: str | None = Field(
+        None, description="Path of the exported file; default: `<output.dir>/<its name>-<quant>.gguf`."
+    )
+
+
 class Recipe(Section):
     """A fine-tuning recipe."""
 
@@ -645,6 +667,7 @@ class Recipe(Section):
     )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:

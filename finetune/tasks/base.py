@@ -37,6 +37,13 @@ class Task:
         model (a classifier's label count); `finetune validate --data` reports them, `prepare_data` raises them."""
         return []
 
+    @classmethod
+    def data_facts(cls, recipe: Recipe, tokenizer=None):
+        """The rows exactly as `prepare_data` will read them (reading, templating, masking, split, truncation), one
+        `finetune.data.report.RowFacts` each, and how training batches them: a `finetune.data.report.DataFacts`
+        for the data report (`finetune data`, and the verdict in the plan). Reads the tokenizer, never the model."""
+        raise NotImplementedError
+
     def prepare_data(self, tokenizer, model_path: str, main_first) -> None:
         """Set `train_dataset`, `eval_dataset` (None without eval data) and `skipped`. `main_first` is accelerate's
         `main_process_first`, for work the main process should do (and cache) before the others read it."""

@@ -38,6 +38,12 @@ class ClassificationTask(Task):
         labels = LabelMap.from_training([r["labels"] for r in rows.rows], recipe.classification.multi_label)
         return head_problems(recipe, list(labels.names))
 
+    @classmethod
+    def data_facts(cls, recipe: Recipe, tokenizer=None):
+        from finetune.data.classification import report_facts
+
+        return report_facts(recipe, tokenizer)
+
     def prepare_data(self, tokenizer, model_path: str, main_first) -> None:
         # Everything that reads data or names a metric comes before the model load: a bad row costs seconds.
         recipe = self.recipe

@@ -61,6 +61,12 @@ class ImageClassificationTask(Task):
     def read_rows(cls, recipe: Recipe, sources: list[DataSource], tokenizer=None):
         return load_image_rows(sources, recipe)
 
+    @classmethod
+    def data_facts(cls, recipe: Recipe, tokenizer=None):
+        from finetune.data.images import report_facts
+
+        return report_facts(recipe)
+
     def load_base(self):
         # No tokenizer: the preprocessing follows the checkpoint, settled once the model is built (prepare_model).
         return self.recipe.model.name_or_path, None

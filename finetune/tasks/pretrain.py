@@ -58,6 +58,13 @@ class PretrainTask(Task):
             raise DataError(f"{', '.join(s.path for s in sources)}: the corpus is empty: no document has any text.")
         return rows.checked(sources)
 
+    @classmethod
+    def data_facts(cls, recipe: Recipe, tokenizer=None):
+        from finetune.data.packing import report_facts
+        from finetune.data.text import Corpus
+
+        return report_facts(Corpus(recipe.data), tokenizer, recipe.data.max_length, recipe.train.micro_batch_size)
+
     @property
     def new_model(self) -> bool:
         return self.recipe.model.config is not None

@@ -66,14 +66,23 @@ def keep_trainable_fp32(model) -> None:
 
 
 def sft_trainer_class():
-    """TRL's SFTTrainer, with the loss projected through the LM head only where labels are (see training/loss.py)."""
+    """TRL's SFTTrainer, with the loss projected through the LM head only where labels are (see training/loss.py),
+    and no host read of a device tensor inside a training step except at logging steps (see data/batches.py)."""
     import torch
     from trl import SFTTrainer
 
+    from finetune.data.batches import HOST_ONLY, LABEL_POSITIONS, REAL_TOKENS, WithHostFacts
+    from finetune.models.attention import padding_free_inputs
     from finetune.training.loss import IGNORE_INDEX, completion_loss, supports_positions
 
     class CompletionLossSFTTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.data_collator = WithHostFacts(self.data_collator)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            facts = {key: inputs[key] for key in HOST_ONLY if key in inputs}
+            inputs = {key: value for key, value in inputs.items() if key not in HOST_ONLY}
             if not hasattr(self, "_positions"):
                 self._positions = supports_positions(self.model)
             plain_nll = (
@@ -82,28 +91,53 @@ def sft_trainer_class():
             )  # fmt: skip
             if not plain_nll:  # what only TRL's own loss does: logits returned, DFT, label smoothing, MoE, ...
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss, logits, targets = completion_loss(model, inputs, num_items_in_batch)
+            loss, logits, targets = completion_loss(
+                model, padding_free_inputs(model, inputs), num_items_in_batch, positions=facts.get(LABEL_POSITIONS),
+                fused=self.args.use_liger_kernel,
+            )
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # As the Trainer and TRL do: num_items_in_batch counts every rank's tokens and DDP averages gradients.
                 loss = loss * self.accelerator.num_processes
-            self._log_batch(inputs, logits, targets)
+            self._log_batch(inputs, logits, targets, facts.get(REAL_TOKENS))
             return loss
 
-        def _log_batch(self, inputs, logits, targets) -> None:
+        def _log_batch(self, inputs, logits, targets, real_tokens: int | None) -> None:
             """TRL's per-batch metrics: token accuracy on the labelled positions, and tokens trained on. (TRL also
-            logs the entropy of the predictions; that needs a softmax over the vocabulary per token, left out.)"""
+            logs the entropy of the predictions; that needs a softmax over the vocabulary per token, left out.)
+            The accuracy stays a device tensor until `log` (a logging step) reads it."""
             mode = "train" if self.model.training else "eval"
             gather = self.accelerator.gather_for_metrics
-            with torch.no_grad():
-                valid = targets.reshape(-1) != IGNORE_INDEX
-                correct = (logits.reshape(-1, logits.size(-1)).argmax(-1) == targets.reshape(-1)) & valid
-                total, right = gather(valid.sum()).sum(), gather(correct.sum()).sum()
-            self._metrics[mode]["mean_token_accuracy"].append((right / total).item() if total > 0 else 0.0)
+            if logits is not None:  # Liger's fused loss keeps no logits: no accuracy then
+                with torch.no_grad():
+                    valid = targets.reshape(-1) != IGNORE_INDEX
+                    correct = (logits.reshape(-1, logits.size(-1)).argmax(-1) == targets.reshape(-1)) & valid
+                    total, right = gather(valid.sum()).sum(), gather(correct.sum()).sum()
+                    self._metrics[mode]["mean_token_accuracy"].append(torch.where(total > 0, right / total.clamp(min=1), 0.0))
             if mode == "train":
-                mask = inputs.get("attention_mask")
-                tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
-                self._total_train_tokens += gather(tokens.to(self.args.device)).sum().item()
+                tokens = real_tokens
+                if tokens is None:  # a batch not built by the kit's collator
+                    mask = inputs.get("attention_mask")
+                    tokens = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+                if self.accelerator.num_processes > 1 or torch.is_tensor(tokens):
+                    tokens = gather(torch.as_tensor(tokens, device=self.args.device)).sum().item()
+                self._total_train_tokens += tokens
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        def _track_num_input_tokens(self, inputs):
+            """The Trainer's count of input tokens, from the collator's host count: the Trainer's own moves the
+            count to the device and reads it back every micro-batch. (Several processes still add theirs up.)"""
+            real = inputs.get(REAL_TOKENS)
+            if real is None or self.args.world_size > 1 or self.args.include_num_input_tokens_seen == "no":
+                return super()._track_num_input_tokens(inputs)
+            self.state.num_input_tokens_seen += real
+
+        def log(self, logs: dict, start_time: float | None = None) -> None:
+            # The per-batch metrics kept on the device are read here, at a logging step.
+            for metrics in self._metrics.values():
+                for key, values in metrics.items():
+                    if any(torch.is_tensor(value) for value in values):
+                        metrics[key] = [float(value) for value in values]
+            super().log(logs, start_time)
 
     return CompletionLossSFTTrainer
 
@@ -122,6 +156,16 @@ class SFTTask(Task):
         rows = load_rows(sources, recipe.data, chat=True if tokenizer is None else bool(tokenizer.chat_template))
         return rows if tokenizer is None else keep_learnable(rows, tokenizer, recipe.data)[0]
 
+    @classmethod
+    def data_facts(cls, recipe: Recipe, tokenizer=None):
+        from finetune.data.sft import report_facts
+
+        data = recipe.data
+        # Padding-free falls back to padded batches for a model whose attention cannot keep examples apart (known
+        # once the model is loaded): the report takes the recipe's word.
+        batching = "packed" if data.packing else "padding_free" if data.padding_free else "padded"
+        return report_facts(data, tokenizer, batching, recipe.train.micro_batch_size)
+
     def prepare_data(self, tokenizer, model_path: str, main_first) -> None:
         # Rank 0 tokenizes first; the other ranks then read its cache instead of racing it.
         self.train_dataset, self.eval_dataset, self.skipped = prepare_sft_data(self.recipe, tokenizer, main_first)
@@ -135,20 +179,28 @@ class SFTTask(Task):
         """Generation must stop on the chat template's end-of-turn token, or the fine-tuned model rambles on.
         Padding-free batches need attention that keeps the examples of a row apart at the cost of each."""
         from finetune.data.sft import check_stop_token
-        from finetune.models.attention import PACKED_SDPA, use_packed_sdpa
+        from finetune.dtypes import torch_dtype
+        from finetune.models.attention import PACKED, PACKED_SDPA, PACKED_VARLEN, use_packed_attention, varlen_usable
 
         self.padding_free = self.recipe.data.padding_free and not self.recipe.data.packing
         if self.padding_free:
-            use_packed_sdpa(model)
+            # The model is still on the host here (the Trainer moves it): decide from where and how it will train.
+            dtype = torch_dtype(self.runtime.precision)
+            use_packed_attention(model, self.runtime.device, dtype)
             attention = model.config._attn_implementation
-            if attention not in (PACKED_SDPA, "eager") and "flash" not in attention:
+            if attention not in (*PACKED, "eager") and "flash" not in attention:
                 self.padding_free = False
                 self.batching_note = (
                     f"padded (data.padding_free needs attention that keeps packed examples apart; this model runs "
                     f"{attention!r} and cannot switch to SDPA per example)"
                 )
             else:
-                self.batching_note = f"padding-free (examples back to back, attention per example: {attention})"
+                how = ""
+                if attention == PACKED_SDPA:
+                    how = f", SDPA per example; the varlen flash kernel is not used: {varlen_usable(self.runtime.device, dtype)}"
+                elif attention == PACKED_VARLEN:
+                    how = ", torch.nn.attention.varlen, one flash kernel call per layer"
+                self.batching_note = f"padding-free (examples back to back, attention per example: {attention}{how})"
         else:
             self.batching_note = "packed into max_length rows (data.packing)" if self.recipe.data.packing else "padded"
 

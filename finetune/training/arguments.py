@@ -77,6 +77,13 @@ def training_arguments(recipe: Recipe, runtime: Runtime, out: Path, has_eval: bo
         dataloader_pin_memory=runtime.device == "cuda",
         ddp_find_unused_parameters=False if runtime.world_size > 1 else None,
         include_num_input_tokens_seen="non_padding",
+        # The Trainer checks every step's loss for nan/inf on the host (a GPU synchronisation per step) to leave it
+        # out of the logged mean; off, a nan loss shows in the log line of its window instead of being averaged away.
+        logging_nan_inf_filter=False,
+        # Liger's kernels are applied by the Trainer to the model under the adapter (checks.py refuses them off CUDA).
+        use_liger_kernel=t.kernels == "liger",
+        # Batches from pinned memory are copied to the GPU without the host waiting for the copy.
+        accelerator_config={"non_blocking": True} if runtime.device == "cuda" else None,
         disable_tqdm=not runtime.is_main,
     )
     kwargs.update(extra)
