@@ -134,7 +134,12 @@ def _model_problems(recipe: Recipe) -> list[str]:
     if recipe.model.name_or_path is None:  # a new model (model.config): checked with the pretraining problems
         return []
     problem = model_problem(recipe.model)
-    return [problem] if problem else []
+    problems = [problem] if problem else []
+    if recipe.preference.from_run is not None:
+        from finetune.models.start_run import start_run_problems
+
+        problems += start_run_problems(recipe, "preference.from_run", recipe.preference.from_run)
+    return problems
 
 
 # Where configs keep the context length and the hidden size (Llama/BERT, GPT-2, others), first found wins.

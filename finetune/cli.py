@@ -13,7 +13,7 @@ import sys
 
 from finetune.commands.common import guarded, setup_logging
 
-COMMANDS = ("train", "validate", "data", "explain", "chat", "predict", "eval", "merge", "export", "launch")
+COMMANDS = ("train", "validate", "data", "explain", "chat", "predict", "eval", "merge", "export", "launch", "pairs")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,8 @@ class TaskTraits:
     model: Literal["causal_lm", "classifier"] = "causal_lm"  # a model that writes text, or one that labels with a head
     served_by: Literal["chat", "predict"] | None = None  # the command that uses a finished run
     noun: str = "a"  # how messages name a run of it: "an SFT run"
-    eval_scoring: Literal["language_model", "classifier"] | None = None  # how `finetune eval` scores it (None: not compared)
+    # how `finetune eval` scores it (None: not compared); `pairs`: as a language model, and its held-out pairs
+    eval_scoring: Literal["language_model", "classifier", "pairs"] | None = None
     packing: bool = False  # `data.packing` applies (rows packed into max_length sequences)
     generates: bool = False  # `eval.prompts` generates after training (answers or samples), on the main process
     quantizable: bool = True  # the base can be loaded 4/8-bit (bitsandbytes)
@@ -53,6 +54,9 @@ TASKS: dict[str, TaskEntry] = {
     "image_classification": TaskEntry("finetune.tasks.image_classification:ImageClassificationTask", TaskTraits(
         "image classification (transfer learning)", inputs="images", model="classifier", noun="an image-classification",
         served_by="predict", quantizable=False)),
+    "preference": TaskEntry("finetune.tasks.preference:PreferenceTask", TaskTraits(
+        "preference tuning of a causal LM (DPO, IPO, SimPO, ORPO, KTO), from the base or a finished SFT run",
+        noun="a preference", served_by="chat", eval_scoring="pairs", generates=True)),
     "pretrain": TaskEntry("finetune.tasks.pretrain:PretrainTask", TaskTraits(
         "pretraining a causal LM on raw text, from scratch or continued", noun="a pretraining", generates=True,
         documents=True, new_model=True, fills_context=True)),

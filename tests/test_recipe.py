@@ -33,6 +33,7 @@ def recipe_files() -> list[Path]:
 
 SHIPPED_RECIPES = {
     "llama_lora.yaml",
+    "llama_dpo.yaml",
     "llama_lora_8bit.yaml",
     "llama_qlora.yaml",
     "minilm_bbc_news.yaml",

@@ -12,7 +12,7 @@ from pathlib import Path
 from finetune.errors import FinetuneError
 
 SHOWN_GENERATIONS = 4  # side-by-side answers in report.md
-COLUMN_TITLES = {"base": "base", "adapter": "fine-tuned", "merged": "merged"}
+COLUMN_TITLES = {"base": "base", "start": "SFT start (reference)", "adapter": "fine-tuned", "merged": "merged"}
 
 
 def output_folder(source, out: str | None) -> Path:
@@ -215,7 +215,7 @@ def plot_metrics(evaluation, path: Path) -> Path | None:
     columns = min(4, len(metric_names))
     rows = math.ceil(len(metric_names) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), dpi=100, squeeze=False)
-    colors = {"base": "#9e9e9e", "adapter": "#1f77b4", "merged": "#ff7f0e"}
+    colors = {"base": "#9e9e9e", "start": "#2ca02c", "adapter": "#1f77b4", "merged": "#ff7f0e"}
     for ax, metric in zip(axes.flat, metric_names):
         values = [evaluation.metrics.get(n, {}).get(metric) for n in names]
         heights = [v if _finite(v) else 0 for v in values]

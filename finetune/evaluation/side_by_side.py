@@ -66,6 +66,12 @@ def evaluate_run(target: str | Path, options: EvalOptions | None = None) -> tupl
     source = resolve_source(target, options.merged)
     recipe, settings = source.recipe, source.recipe.eval
     names, notes = choose_variants(source, options.variants or settings.variants)
+    if source.scoring == "pairs" and source.has_adapter and recipe.preference.from_run and "base" in names:
+        # The preference run's reference, the SFT model it started from, beside the base and the tuned model.
+        if not Path(recipe.preference.from_run).is_dir():
+            raise FinetuneError(f"preference.from_run: {recipe.preference.from_run} (the SFT run this run started "
+                                "from, its reference) is gone; evaluate with --variants adapter,base.")
+        names.insert(names.index("base") + 1, "start")
     tasks = _tasks(source, options.tasks if options.tasks is not None else settings.tasks)
     limit = options.limit if options.limit is not None else settings.limit
     out = output_folder(source, options.out)
@@ -78,7 +84,11 @@ def evaluate_run(target: str | Path, options: EvalOptions | None = None) -> tupl
         if problem:
             raise FinetuneError(problem)
     tokenizer = _tokenizer(source)
-    rows, data_name = held_out_rows(source, options.data, tokenizer, limit)
+    pairs = None
+    if source.scoring == "pairs":
+        pairs, rows, data_name = held_out_pairs(source, options.data, tokenizer, limit)
+    else:
+        rows, data_name = held_out_rows(source, options.data, tokenizer, limit)
     evaluation = Evaluation(source, names, data_name, notes=notes)
     evaluation.facts.update(rows=len(rows), limit=limit, tasks=tasks, device=runtime.device, precision=runtime.precision)
     evaluation.seconds["checks"] = time.perf_counter() - started
@@ -97,6 +107,8 @@ def evaluate_run(target: str | Path, options: EvalOptions | None = None) -> tupl
             "batch_size": batch_size, "max_new_tokens": options.max_new_tokens or settings.max_new_tokens,
             "max_length": recipe.data.max_length, "limit": limit, "seed": recipe.train.seed,
         })
+    if pairs is not None:
+        _evaluate_pairs(evaluation, variants, pairs, recipe.preference.beta, batch_size)
     evaluation.seconds["total"] = time.perf_counter() - started
     write_report(evaluation, out)
     return evaluation, out
@@ -175,6 +187,63 @@ def held_out_rows(source: EvalSource, data: str | None, tokenizer, limit: int | 
 
         check_labels(rows, LabelMap.load(source.run_dir))
     return (rows[:limit] if limit else rows), name
+
+
+def held_out_pairs(source: EvalSource, data: str | None, tokenizer, limit: int | None):
+    """A preference run's held-out pairs, tokenized as training tokenized them, and the same rows as SFT rows (the
+    prompt and its chosen answer) for the held-out loss and the generations."""
+    from finetune.data.preference import load_preference_rows, tokenize_preference_rows
+    from finetune.data.rows import split_rows
+
+    recipe = source.recipe
+    if data is not None:
+        sources, name, split = [DataSource(path=data)], data, False
+    elif recipe.data.eval:
+        sources, name, split = recipe.data.eval, ", ".join(s.path for s in recipe.data.eval), False
+    elif recipe.data.eval_fraction:
+        sources, split = recipe.data.train, True
+        name = f"{recipe.data.eval_fraction:g} of {', '.join(s.path for s in recipe.data.train)} (seed {recipe.data.seed})"
+    else:
+        raise DataError("no held-out data: the recipe has no data.eval or data.eval_fraction; give --data FILE.")
+    rows, tokens = tokenize_preference_rows(load_preference_rows(sources, recipe.data), tokenizer, recipe.data)
+    if "chosen" not in rows.rows[0]:
+        raise DataError(f"{name}: pair accuracy needs pairs (prompt, chosen, rejected); these rows are unpaired.")
+    pairs = list(zip(rows.rows, tokens))
+    if split:
+        pairs = split_rows(pairs, recipe.data.eval_fraction, recipe.data.seed)[1]
+    pairs = pairs[:limit] if limit else pairs
+    sft_rows = [
+        {"messages": [*row["prompt"], {"role": "assistant", "content": row["chosen"]}]} if isinstance(row["prompt"], list)
+        else {"prompt": row["prompt"], "completion": row["chosen"]}
+        for row, _ in pairs
+    ]
+    return [t for _, t in pairs], sft_rows, name
+
+
+def _evaluate_pairs(evaluation, variants, pairs: list[dict], beta: float, batch_size: int) -> None:
+    """Each variant's log-probabilities of the held-out answers: how often it finds the chosen answer the likelier,
+    and against the reference (the SFT start, else the base) DPO's implicit reward: pair accuracy and mean margin."""
+    from finetune.evaluation.preference import pair_scores
+
+    scores = {}
+    for name in variants.names:
+        with variants.use(name) as model, _timed(evaluation, name, "pairs"):
+            scores[name] = pair_scores(model, pairs, batch_size)
+    reference = "start" if "start" in scores else "base" if "base" in scores else None
+    for name, score in scores.items():
+        metrics = evaluation.metrics.setdefault(name, {})
+        metrics["pairs/likelihood_accuracy"] = score.likelihood_accuracy
+        if reference is not None:
+            against = score.against(scores[reference], beta)
+            metrics["pairs/reward_accuracy"] = against["pair_accuracy"]
+            metrics["pairs/mean_margin"] = against["mean_margin"]
+    evaluation.facts.update(pairs=len(pairs), pair_reference=reference, beta=beta)
+    if reference is not None:
+        evaluation.notes.append(
+            f"pairs/reward_accuracy and pairs/mean_margin: DPO's implicit reward beta * (log p(answer) - log "
+            f"p_ref(answer)), chosen minus rejected, over {len(pairs)} held-out pairs (beta {beta}), the reference "
+            f"being the {'SFT start' if reference == 'start' else 'base'}, which scores 0 by definition. pairs/likelihood_accuracy: how often the chosen answer is the likelier."
+        )
 
 
 def _progress(total: int, description: str):

@@ -40,6 +40,12 @@ class Variants:
                     yield self.model
         elif name == "adapter":
             yield self.model
+        elif name == "start":  # a preference run's SFT start (its reference), loaded beside the trained adapter
+            self.model.set_adapter("start")
+            try:
+                yield self.model
+            finally:
+                self.model.set_adapter("default")
         elif self.merged_model is not None:
             yield self.merged_model
         else:
@@ -79,6 +85,8 @@ def load_variants(source: EvalSource, names: list[str], runtime, tokenizer) -> V
     else:
         variants = _causal_lm(source, runtime, tokenizer)
     variants.names = names
+    if "start" in names:
+        variants.model.load_adapter(source.recipe.preference.from_run, adapter_name="start")
     if source.merged_dir is not None and "merged" in names:
         variants.merged_model = _load_merged(source, variants.model_class)
     if source.run_dir is not None and not source.has_adapter and "base" in names:

@@ -56,3 +56,39 @@ def sample_continuations(
         samples.append({"prompt": prompt, "text": prompt + text})
     model.train(was_training)
     return samples
+
+
+def answer_prompts(
+    model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+    progress=None,
+) -> list[dict]:
+    """The model's answer to each prompt (a conversation ending in a user turn, templated with the chat template and
+    its generation prompt; or a text), greedy when `temperature` is 0, else sampled with `seed + index`, so an answer
+    depends on its prompt and the seed only, not on the prompts before it. Each: `{answer, finished}`, finished
+    False when `max_new_tokens` cut the answer before it ended. `progress` (a tqdm bar) advances once per answer."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    answers = []
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, list):
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        else:
+            inputs = tokenizer(prompt, return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+        torch.manual_seed(seed + index)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+        new = output[0, inputs["input_ids"].shape[1] :]
+        stops = model.generation_config.eos_token_id
+        stops = {stops} if isinstance(stops, int) else set(stops or ())
+        finished = len(new) < max_new_tokens or int(new[-1]) in stops
+        answers.append({"answer": tokenizer.decode(new, skip_special_tokens=True).strip(), "finished": finished})
+        if progress is not None:
+            progress.update(1)
+    model.train(was_training)
+    return answers

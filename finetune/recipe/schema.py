@@ -470,6 +470,37 @@ class PretrainConfig(Section):
     sample_top_k: int | None = Field(40, gt=0, description="Samples draw from the k likeliest tokens only; null: from all.")
 
 
+class PreferenceConfig(Section):
+    """Preference tuning (`task: preference`): the loss, its knobs, and the finished SFT run it starts from."""
+
+    loss: Literal["dpo", "ipo", "simpo", "orpo", "kto"] = Field(
+        "dpo",
+        description="`dpo` (sigmoid loss on the reward margin against the reference model); `ipo` (squared loss, "
+        "robust to pairs that are too easy); `simpo` (reference-free, length-normalised, with margin `simpo_gamma`); "
+        "`orpo` (SFT loss on chosen plus an odds-ratio term, no reference); `kto` (unpaired rows `{prompt, "
+        "completion, label}`, against the reference).",
+    )
+    beta: float = Field(
+        0.1, gt=0, le=100, allow_inf_nan=False,
+        description="Strength of the preference term: DPO/IPO/KTO's beta (how far from the reference the policy may "
+        "move; IPO's regulariser is 1/beta), SimPO's reward scale (the paper uses 2 to 10), ORPO's lambda.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, allow_inf_nan=False,
+        description="`dpo` and `simpo`: the assumed fraction of pairs whose labels are flipped (conservative DPO).",
+    )
+    simpo_gamma: float = Field(
+        0.5, ge=0, le=100, allow_inf_nan=False,
+        description="`simpo`: the target reward margin between chosen and rejected answers.",
+    )
+    from_run: str | None = Field(
+        None,
+        description="A finished SFT LoRA run's folder (e.g. `outputs/llama_lora`): its adapter is the starting policy, "
+        "and a frozen copy of it the reference (never the bare base). `model.name_or_path` must be that run's base; "
+        "the run's LoRA (rank, targets) keeps training, so `adapter` keys other than `type` are taken from it.",
+    )
+
+
 class TrainConfig(Section):
     """Optimization, precision, device and logging."""
 
@@ -628,6 +659,7 @@ class Recipe(Section):
     classification: ClassificationConfig = Field(default_factory=ClassificationConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig
     deepspeed: str | None = Field(
@@ -687,6 +719,8 @@ def combination_problems(recipe: Recipe) -> list[str]:
             )
         if recipe.data.packing:
             problems.append(f"data.packing is for {_tasks_with('packing')}; a classifier sees one example per sequence. Remove it.")
+    elif recipe.data.packing and not task.packing and task.inputs == "tokens" and not task.documents:
+        problems.append(f"data.packing is for {_tasks_with('packing')}; {recipe.task} scores each example as a whole sequence. Remove it.")
     problems += image_problems(recipe)
     return problems
 

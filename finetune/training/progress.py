@@ -18,6 +18,11 @@ from finetune.training.callbacks import TrainingClock, training_clock
 _EVAL_BOOKKEEPING = ("_runtime", "_samples_per_second", "_steps_per_second", "_num_tokens")
 
 
+# A preference run's training figures (TRL's names), shown on its step lines: is the chosen answer preferred, by how
+# much, and is it itself becoming less likely?
+PREFERENCE_FIGURES = (("rewards/accuracies", "pair acc"), ("rewards/margins", "margin"), ("logps/chosen", "logps/chosen"))
+
+
 def show_progress_lines(trainer) -> None:
     """Replace the Trainer's printer of log dictionaries (its progress bar, or on other processes the plain printer)
     by `ProgressLines`, through the Trainer's own callback handler."""
@@ -80,6 +85,9 @@ def step_line(step: int, total: int, logs: dict, tokens_per_second: float | None
     parts = [f"step {step:>{len(str(total))}}/{total}", f"loss {_number(logs['loss'])}"]
     if isinstance(logs.get("learning_rate"), (int, float)):
         parts.append(f"lr {logs['learning_rate']:.2e}")
+    for key, name in PREFERENCE_FIGURES:
+        if isinstance(logs.get(key), (int, float)):
+            parts.append(f"{name} {_number(logs[key])}")
     if tokens_per_second is not None:
         parts.append(f"{tokens_per_second:.0f} tokens/s")
     if elapsed is not None:
