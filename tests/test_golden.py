@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from finetune.recipe import validate_recipe
-from support import cls_recipe, image_recipe, keyword_rows, pretrain_recipe, sft_recipe, write_story_corpus
+from support import CAPITALS, cls_recipe, image_recipe, keyword_rows, pretrain_recipe, sft_recipe, write_jsonl, write_story_corpus
 
 PIN = os.environ.get("FINETUNE_PIN_GOLDEN") == "1"
 STEPS = 4
@@ -33,6 +33,7 @@ GOLDEN['sft_packed'] = {'losses': [5.046351909637451, 3.0837552547454834, 2.1522
 GOLDEN['classification'] = {'losses': [1.3974940776824951, 1.3775758743286133, 1.7648255825042725, 1.63901948928833], 'eval_losses': [1.5713629722595215, 1.4803937673568726], 'train_rows': 64}
 GOLDEN['image_classification'] = {'losses': [1.5998713970184326, 1.2272700071334839, 1.1938586235046387, 1.0779012441635132], 'eval_losses': [1.287179708480835, 0.9598897099494934], 'train_rows': 27}
 GOLDEN['pretrain'] = {'losses': [5.811156749725342, 5.3104248046875, 4.70965051651001, 4.308539867401123], 'train_blocks': 68, 'tokens_seen': 1024, 'vocab_size': 320}
+GOLDEN['preference'] = {'losses': [0.6931471824645996, 0.7388043403625488, 0.796466588973999, 0.6163851022720337], 'margins': [0.0, -0.06569637358188629, -0.15567803382873535, 0.17914806306362152], 'train_rows': 24}
 # --- end of pinned numbers ---
 
 # fp32 on one thread is deterministic here; the tolerance absorbs other CPUs' kernels (summation order).
@@ -125,6 +126,32 @@ def test_pretrain_golden(tmp_path):
         "train_blocks": len(result.trainer.train_dataset),
         "tokens_seen": result.metrics["num_input_tokens_seen"],
         "vocab_size": len(result.tokenizer),
+    })  # fmt: skip
+
+
+def test_preference_golden(tiny_llama_dir, tmp_path):
+    import random
+
+    rng, capitals = random.Random(0), dict(CAPITALS)
+    pairs = []
+    for _ in range(24):  # the right capital preferred to a wrong one, as chat prompts
+        country = rng.choice(sorted(capitals))
+        wrong = rng.choice([c for c in sorted(capitals.values()) if c != capitals[country]])
+        pairs.append({"prompt": [{"role": "user", "content": f"what is the capital of {country}"}],
+                      "chosen": capitals[country], "rejected": wrong})
+    result = _run({
+        "task": "preference",
+        "model": {"name_or_path": str(tiny_llama_dir)},
+        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), "max_length": 64},
+        "train": _quick(micro_batch_size=4, learning_rate=1e-2, warmup_ratio=0.0, save_checkpoints=False),
+        "output": {"dir": str(tmp_path / "out")},
+    })  # fmt: skip
+    logs = [h for h in result.metrics["log_history"] if "loss" in h]
+    _check("preference", {
+        "losses": _losses(result),
+        "margins": [h["rewards/margins"] for h in logs],
+        "train_rows": len(result.trainer.train_dataset),
     })  # fmt: skip
 
 
