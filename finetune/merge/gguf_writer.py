@@ -181,7 +181,8 @@ def plan_tensors(folder: Path, config: dict, arch: Arch, quant: str, permute: bo
     if rope_settings(config)["rope_type"] == "llama3":  # llama.cpp's converter yields it before the model's tensors
         factors = llama3_rope_factors(config)
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        plans.append(TensorPlan("", "", name, factors.shape, gguf.GGMLQuantizationType.F32, factors.nbytes, values=factors))
+        f32 = gguf.GGMLQuantizationType.F32
+        plans.append(TensorPlan("", "", name, factors.shape, f32, factors.nbytes, values=factors))
     for shard in shards(folder):
         with safe_open(folder / shard, framework="pt") as f:
             for source in f.keys():
