@@ -178,7 +178,7 @@ def llama3_factors_by_transformers(folder: Path) -> np.ndarray:
     return (default.double() / scaled.double()).numpy()
 
 
-def test_llama3_rope_writes_rope_freqs_and_round_trips(llama3_dir, tmp_path):
+def test_llama3_rope_writes_rope_freqs_and_round_trips(llama3_dir, tmp_path, capsys):
     from gguf import GGUFReader
 
     report = export_gguf(llama3_dir, tmp_path / "l3.gguf", "f16")
@@ -196,6 +196,10 @@ def test_llama3_rope_writes_rope_freqs_and_round_trips(llama3_dir, tmp_path):
     fields = {k: f.contents() for k, f in reader.fields.items()}
     assert fields["llama.rope.freq_base"] == 10000.0 and "llama.rope.scaling.type" not in fields  # as llama.cpp writes it
     assert json.loads((tmp_path / "l3.export_report.json").read_text())["verification"]["rope"]["rope_freqs"]["failure"] is None
+    from finetune.commands.export import print_report
+
+    print_report(report)
+    assert "llama3 RoPE: rope_freqs within " in capsys.readouterr().out
 
 
 def test_wrong_rope_freqs_are_caught_and_nothing_is_published(llama3_dir, tmp_path, monkeypatch):
