@@ -47,7 +47,7 @@ def bpe_tokenizer(pre: str = "gpt-2"):
     return tokenizer
 
 
-def tiny_causal(folder: Path, arch: str = "llama", tie: bool = False, seed: int = 0) -> Path:
+def tiny_causal(folder: Path, arch: str = "llama", tie: bool = False, seed: int = 0, rope: dict | None = None) -> Path:
     """A random Llama / Qwen2 / Qwen3 (hidden 64, 4 heads, 2 KV heads, 2 layers) with weights large enough that a
     wrong row order moves the logits far beyond rounding."""
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
@@ -59,7 +59,7 @@ def tiny_causal(folder: Path, arch: str = "llama", tie: bool = False, seed: int 
     config = config_class(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie, rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **({"rope_parameters": rope} if rope else {}),
     )  # fmt: skip
     torch.manual_seed(seed)
     model = model_class(config)
@@ -153,6 +153,78 @@ def test_a_missing_qk_permutation_is_caught_and_nothing_is_published(llama_dir, 
         with pytest.raises(FinetuneError, match=rf"verification failed: the file's logits differ from the merged model's \(rounded to {quant}\) by up to"):
             export_gguf(llama_dir, out, quant, permute_qk=False)
     assert list(tmp_path.iterdir()) == []  # no file, no Modelfile, no temporary folder
+
+
+# Llama 3.1/3.2 RoPE: head_dim 16 gives 8 frequencies; an original context of 32 puts them in all three llama3 regimes
+# (wavelength < 8: kept, 8..32: smoothed, > 32: divided by the factor).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory) -> Path:
+    return tiny_causal(tmp_path_factory.mktemp("llama3") / "model", "llama", rope=LLAMA3_ROPE)
+
+
+def llama3_factors_by_transformers(folder: Path) -> np.ndarray:
+    """transformers' own llama3 RoPE as llama.cpp's factors: default inv_freq / llama3 inv_freq."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = AutoConfig.from_pretrained(folder)
+    default, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return (default.double() / scaled.double()).numpy()
+
+
+def test_llama3_rope_writes_rope_freqs_and_round_trips(llama3_dir, tmp_path, capsys):
+    from gguf import GGUFReader
+
+    report = export_gguf(llama3_dir, tmp_path / "l3.gguf", "f16")
+    v = report.verification
+    assert v["passed"] and v["decisive_top1_agreement"] == 1.0 and v["max_abs_logit_diff"] <= 1e-5 * v["max_abs_logit"]
+    assert v["rope"]["rope_type"] == "llama3" and v["rope"]["rope_freqs"]["max_abs_diff"] <= 1e-6
+    assert "rope_parameters put into the read-back config" in v["rope"]["read_back"]
+    reader = GGUFReader(tmp_path / "l3.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    freqs = tensors["rope_freqs.weight"]
+    assert freqs.tensor_type.name == "F32" and freqs.data.shape == (8,)
+    expected = llama3_factors_by_transformers(llama3_dir)
+    assert np.abs(freqs.data - expected).max() <= 1e-6
+    assert freqs.data[0] == 1.0 and freqs.data[-1] == 8.0 and 1.0 < freqs.data[1] < 8.0  # all three regimes
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert fields["llama.rope.freq_base"] == 10000.0 and "llama.rope.scaling.type" not in fields  # as llama.cpp writes it
+    assert json.loads((tmp_path / "l3.export_report.json").read_text())["verification"]["rope"]["rope_freqs"]["failure"] is None
+    from finetune.commands.export import print_report
+
+    print_report(report)
+    assert "llama3 RoPE: rope_freqs within " in capsys.readouterr().out
+
+
+def test_wrong_rope_freqs_are_caught_and_nothing_is_published(llama3_dir, tmp_path, monkeypatch):
+    from finetune.merge import gguf_writer
+
+    monkeypatch.setattr(gguf_writer, "llama3_rope_factors", lambda config: np.ones(8, dtype=np.float32))
+    with pytest.raises(FinetuneError, match=r"verification failed: the file's rope_freqs differ from transformers' llama3 RoPE factors by up to 7, over 1e-06"):
+        export_gguf(llama3_dir, tmp_path / "l3.gguf", "f16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rope_settings_old_and_new_configs_and_refused_scalings():
+    from finetune.merge import gguf_writer
+
+    old = {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 32.0}, "hidden_size": 64, "num_attention_heads": 4}
+    new = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0}, "hidden_size": 64, "num_attention_heads": 4}
+    assert gguf_writer.rope_settings(old) == gguf_writer.rope_settings(new) == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0}
+    assert gguf_writer.rope_settings({"rope_theta": 1e4}) == {"rope_type": "default", "rope_theta": 1e4}
+    assert (gguf_writer.llama3_rope_factors(old) == gguf_writer.llama3_rope_factors(new)).all()
+    assert gguf_writer.architecture_of({"architectures": ["LlamaForCausalLM"], **new}, "c.json").name == "llama"
+    yarn = {"architectures": ["LlamaForCausalLM"], "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}
+    with pytest.raises(FinetuneError, match=r"c.json: RoPE scaling 'yarn' is not written by finetune export for LlamaForCausalLM; supported: unscaled and linear RoPE, and llama3 \(Llama 3.1/3.2\) for the Llama family"):
+        gguf_writer.architecture_of(yarn, "c.json")
+    with pytest.raises(FinetuneError, match=r"RoPE scaling 'llama3' is not written by finetune export for Qwen2ForCausalLM"):
+        gguf_writer.architecture_of({"architectures": ["Qwen2ForCausalLM"], **new}, "c.json")
 
 
 def test_an_adapter_run_is_merged_then_exported(llama_dir, tmp_path):

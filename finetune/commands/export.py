@@ -39,6 +39,11 @@ def print_report(report) -> None:
     print(f"Exported {report.source} -> {report.out} ({report.quant}, {report.bytes / 2**20:.1f} MiB, {report.gguf_architecture})")
     if report.merge:
         print(f"  merged first ({report.merge['method']}, {report.merge['dtype']})")
+    if "rope" in v:
+        print(
+            f"  llama3 RoPE: rope_freqs within {v['rope']['rope_freqs']['max_abs_diff']:.2g} of transformers' llama3 "
+            "factors; logits compared with the source's RoPE in the read-back config (the GGUF loader reads neither)"
+        )
     r = v["rounding"]
     print(
         f"  verified with transformers' GGUF loader: max |logit diff| {v['max_abs_logit_diff']:.3g} <= tolerance "

@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 # max(1, max |logit|). What remains is fp32 summation order, ~1e-6 of the scale; a wrong Q/K row order, tensor name,
 # norm epsilon or RoPE base moves the logits by a large part of the scale (tests/test_export.py: 0.7 of it).
 RELATIVE_TOLERANCE = 1e-3
+# Llama 3.1's rope_freqs (F32) against transformers' llama3 RoPE: fp32 rounding of factors up to `factor` (8, 32).
+ROPE_FREQS_TOLERANCE = 1e-6
+READ_BACK_ROPE = (
+    "transformers' GGUF loader reads neither rope_freqs nor llama3 scaling: the logits were compared with the "
+    "source's rope_parameters put into the read-back config, and rope_freqs checked against transformers' llama3 RoPE"
+)
 # Texts whose token ids must be the same from the file's tokenizer as from the merged model's.
 TOKENIZER_TEXTS = (
     "The capital of France is Paris.",
@@ -256,18 +262,49 @@ def _write(file: Path, folder: Path, config: dict, arch, quant: str, src: _Sourc
     return plans, vocab
 
 
-def _load_gguf(file: Path):
+def _load_gguf(file: Path, rope_parameters: dict | None = None):
+    """The file as transformers' GGUF loader reads it. `rope_parameters` replaces the RoPE it reads: the loader reads
+    neither llama.cpp's rope_freqs tensor nor llama3 scaling, so a Llama 3.1 file is run with the source's RoPE
+    (and its rope_freqs tensor is checked on its own, against transformers' llama3 RoPE: `_check_rope_freqs`)."""
     import torch
-    from transformers import AutoModelForCausalLM, GgufConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GgufConfig
 
     from finetune.models.loading import quiet_transformers
 
     with quiet_transformers():
+        config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
+        if rope_parameters is not None:
+            config.rope_parameters = dict(rope_parameters)
         model = AutoModelForCausalLM.from_pretrained(
-            file.parent, gguf_file=file.name, dtype=torch.float32,
+            file.parent, gguf_file=file.name, config=config, dtype=torch.float32,
             quantization_config=GgufConfig(gguf_file=file.name, dequantize=True),
         )  # fmt: skip
     return model.eval()
+
+
+def _check_rope_freqs(folder: Path, file: Path) -> dict:
+    """The file's rope_freqs tensor (read with gguf's reader) against transformers' own llama3 RoPE for the merged
+    model's config: each factor must equal default inv_freq / llama3 inv_freq, within ROPE_FREQS_TOLERANCE."""
+    import numpy as np
+    from gguf import GGUFReader
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = AutoConfig.from_pretrained(folder)
+    default, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    expected = default.double().numpy() / scaled.double().numpy()
+    tensor = next((t for t in GGUFReader(file).tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None or tensor.data.size != expected.size:
+        found = "missing" if tensor is None else f"{tensor.data.size} values"
+        return {"max_abs_diff": None, "failure": f"rope_freqs.weight is {found}; llama3 RoPE needs {expected.size}"}
+    diff = float(np.abs(np.asarray(tensor.data, dtype=np.float64).reshape(-1) - expected).max())
+    failure = None
+    if diff > ROPE_FREQS_TOLERANCE:
+        failure = (f"the file's rope_freqs differ from transformers' llama3 RoPE factors by up to {diff:.4g}, over "
+                   f"{ROPE_FREQS_TOLERANCE:g}")  # fmt: skip
+    return {"max_abs_diff": diff, "tolerance": ROPE_FREQS_TOLERANCE, "failure": failure}
 
 
 def verify_file(folder: Path, file: Path, quant: str, plans: list, tolerance: float | None) -> dict:
@@ -278,7 +315,7 @@ def verify_file(folder: Path, file: Path, quant: str, plans: list, tolerance: fl
     merged model (max |logit diff|, KL divergence, top-1 agreement) and reported, not judged: it is the quant's price,
     which `--quant` chooses."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from finetune.merge import verify as merge_verify
     from finetune.models.loading import quiet_transformers
@@ -297,6 +334,9 @@ def verify_file(folder: Path, file: Path, quant: str, plans: list, tolerance: fl
     )
 
     config = json.loads((folder / "config.json").read_text())
+    rope = None
+    if gguf_writer.rope_settings(config)["rope_type"] == "llama3":
+        rope = {"rope_type": "llama3", "rope_freqs": _check_rope_freqs(folder, file), "read_back": READ_BACK_ROPE}
     ids = merge_verify.verification_inputs(folder, list(merge_verify.DEFAULT_PROMPTS), config["vocab_size"])
     model = merge_verify.load_merged(folder, AutoModelForCausalLM, dtype=torch.float32)
     merged = merge_verify.logits_of(model, ids)
@@ -304,7 +344,7 @@ def verify_file(folder: Path, file: Path, quant: str, plans: list, tolerance: fl
     rounded = merge_verify.logits_of(model, ids)
     del model  # one model in memory at a time
     gc.collect()
-    file_model = _load_gguf(file)
+    file_model = _load_gguf(file, AutoConfig.from_pretrained(folder).rope_parameters if rope else None)
     logits = merge_verify.logits_of(file_model, ids)
     del file_model
     gc.collect()
@@ -324,7 +364,9 @@ def verify_file(folder: Path, file: Path, quant: str, plans: list, tolerance: fl
         decisive += int(sure.sum())
         decisive_agree += int((same & sure).sum())
     failure = None
-    if token_mismatch is not None:
+    if rope is not None and rope["rope_freqs"]["failure"]:
+        failure = rope["rope_freqs"]["failure"]
+    elif token_mismatch is not None:
         failure = f"the file's tokenizer gives other token ids than the merged model's for {token_mismatch[:60]!r}"
     elif diff > tolerance:
         failure = (f"the file's logits differ from the merged model's (rounded to {quant}) by up to {diff:.4g}, over "
@@ -337,7 +379,7 @@ def verify_file(folder: Path, file: Path, quant: str, plans: list, tolerance: fl
         "tolerance": tolerance, "tolerance_rule": rule,
         "decisive_positions": decisive, "decisive_top1_agreement": decisive_agree / decisive if decisive else 1.0,
         "tokenizer_texts": len(texts), "tokenizer_ids_equal": token_mismatch is None,
-        "rounding": _rounding_effect(merged, logits),
+        "rounding": _rounding_effect(merged, logits), **({"rope": rope} if rope else {}),
         "passed": failure is None, "failure": failure,
     }  # fmt: skip
 

@@ -40,13 +40,55 @@ SKIPPED_TENSORS = ("rotary_emb.inv_freq",)
 class TensorPlan:
     """One tensor of the file: where it comes from, its GGUF name, type and byte size."""
 
-    source: str  # name in the safetensors checkpoint
+    source: str  # name in the safetensors checkpoint ("" for a tensor computed from the config)
     shard: str
     name: str
     shape: tuple[int, ...]
     qtype: object  # gguf.GGMLQuantizationType
     nbytes: int
     permute_heads: int | None = None  # heads to permute Q/K rows by (None: written as stored)
+    values: object = None  # a computed tensor's data (numpy), e.g. llama3's rope_freqs
+
+
+def rope_settings(config: dict) -> dict:
+    """The config.json's RoPE in one dict with `rope_type` and `rope_theta`: transformers 5 writes `rope_parameters`
+    (theta inside), older configs `rope_scaling` beside a top-level `rope_theta`."""
+    rope = {}
+    for key in ("rope_parameters", "rope_scaling"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            rope.update(value.get("full_attention", value))
+    if rope.get("rope_theta") is None and config.get("rope_theta") is not None:
+        rope["rope_theta"] = config["rope_theta"]
+    rope["rope_type"] = rope.get("rope_type", rope.get("type")) or "default"
+    return rope
+
+
+def llama3_rope_factors(config: dict):
+    """Llama 3.1's RoPE as llama.cpp stores it: one F32 factor per rotary frequency (head_dim / 2), by which llama.cpp
+    divides that frequency. Computed as its converter (convert_hf_to_gguf.py, LlamaModel) computes them: high
+    frequencies kept, low ones divided by `factor`, those between smoothly interpolated."""
+    import numpy as np
+
+    rope = rope_settings(config)
+    base = float(rope.get("rope_theta", 10000.0))
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_context = rope.get("original_max_position_embeddings", config.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / float(freq)
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
 
 
 def gguf_arch(name: str):
@@ -63,12 +105,11 @@ def architecture_of(config: dict, where: str) -> Arch:
         raise FinetuneError(
             f"{where}: architecture {found} cannot be exported to GGUF; supported: {', '.join(ARCHITECTURES)}."
         )
-    scaling = config.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
-    if kind not in (None, "default", "linear"):
+    kind = rope_settings(config)["rope_type"]
+    if kind not in ("default", "linear", "llama3") or (kind == "llama3" and ARCHITECTURES[found].name != "llama"):
         raise FinetuneError(
-            f"{where}: RoPE scaling {kind!r} is not written by finetune export (it needs llama.cpp's extra rope "
-            "tensors); only unscaled and linear RoPE are supported."
+            f"{where}: RoPE scaling {kind!r} is not written by finetune export for {found}; supported: unscaled and "
+            "linear RoPE, and llama3 (Llama 3.1/3.2) for the Llama family."
         )
     return ARCHITECTURES[found]
 
@@ -137,6 +178,11 @@ def plan_tensors(folder: Path, config: dict, arch: Arch, quant: str, permute: bo
     tied = bool(config.get("tie_word_embeddings", False))
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     plans = []
+    if rope_settings(config)["rope_type"] == "llama3":  # llama.cpp's converter yields it before the model's tensors
+        factors = llama3_rope_factors(config)
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        f32 = gguf.GGMLQuantizationType.F32
+        plans.append(TensorPlan("", "", name, factors.shape, f32, factors.nbytes, values=factors))
     for shard in shards(folder):
         with safe_open(folder / shard, framework="pt") as f:
             for source in f.keys():
@@ -169,8 +215,8 @@ def add_hyperparameters(writer, config: dict, arch: Arch, quant: str, name: str)
     heads = config["num_attention_heads"]
     writer.add_head_count(heads)
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    rope = config.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", config.get("rope_theta"))
+    rope = rope_settings(config)
+    theta = rope.get("rope_theta")
     if theta is not None:
         writer.add_rope_freq_base(float(theta))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
@@ -181,12 +227,11 @@ def add_hyperparameters(writer, config: dict, arch: Arch, quant: str, name: str)
     if arch.name == "llama":
         writer.add_vocab_size(config["vocab_size"])
         writer.add_rope_dimension_count(head_dim)
-    scaling = config.get("rope_scaling") or rope
-    if scaling.get("rope_type", scaling.get("type")) == "linear":
+    if rope["rope_type"] == "linear":  # llama3 is the rope_freqs tensor, no scaling keys (as llama.cpp writes it)
         import gguf
 
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_file_type(file_type(quant))
     writer.add_quantization_version(2)
 
@@ -224,9 +269,12 @@ def write_file(writer, folder: Path, plans: list[TensorPlan]) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for shard in dict.fromkeys(p.shard for p in plans):
+    for p in plans:  # computed tensors come first in the plan
+        if p.values is not None:
+            writer.write_tensor_data(p.values)
+    for shard in dict.fromkeys(p.shard for p in plans if p.values is None):
         with safe_open(folder / shard, framework="pt") as f:
             for p in plans:
-                if p.shard == shard:
+                if p.shard == shard and p.values is None:
                     writer.write_tensor_data(tensor_data(f, p))
     writer.close()
