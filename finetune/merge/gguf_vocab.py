@@ -1,5 +1,6 @@
 """The tokenizer of a GGUF file: a byte-level BPE written from the merged model's tokenizer.json (tokens, types,
-merges, llama.cpp's pre-tokenizer name, special ids, chat template), or, when the base came from a GGUF, that file's
+merges, llama.cpp's pre-tokenizer name, special ids, chat template), a SentencePiece BPE (Llama 2, Mistral) as
+llama.cpp's "llama" vocabulary (pieces, scores, types), or, when the base came from a GGUF, that file's
 tokenizer metadata carried over exactly. The EOS is the chat template's end-of-turn token, so generation stops.
 """
 
@@ -73,6 +74,8 @@ def check_tokenizer(folder: Path, source_gguf: Path | None) -> str:
         raise FinetuneError(
             f"{path}: a {model} tokenizer cannot be written to GGUF by finetune export; it writes byte-level BPE "
             "tokenizers (Llama 3, SmolLM2, Qwen) and SentencePiece BPE with byte fallback (Llama 2, Mistral)."
+            + (" transformers' GGUF loader reads a SentencePiece vocabulary back as BPE, so a Unigram one could not be"
+               " verified." if model == "Unigram" else "")  # fmt: skip
         )
     if _pre_name(spec.get("pre_tokenizer")) is None and source_gguf is None:
         raise FinetuneError(
