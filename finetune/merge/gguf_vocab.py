@@ -157,23 +157,18 @@ def add_sentencepiece_vocab(writer, folder: Path, vocab_size: int) -> VocabNotes
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    pieces = _sentencepiece_pieces(folder, tokenizer.unk_token)
-    tokens = [p for p, _, _ in pieces]
-    scores = [s for _, s, _ in pieces]
-    types = [t for _, _, t in pieces]
-    for i, added in sorted(tokenizer.added_tokens_decoder.items()):
+    entries = dict(enumerate(_sentencepiece_pieces(folder, tokenizer.unk_token)))
+    for i, added in tokenizer.added_tokens_decoder.items():
         kind = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
-        if i < len(tokens):
-            if types[i] != gguf.TokenType.UNKNOWN:  # a piece the tokenizer treats as an added (special) token
-                tokens[i], types[i] = added.content, kind
-            continue
-        while len(tokens) < i:
-            tokens.append(f"[PAD{len(tokens)}]"), scores.append(-1000.0), types.append(gguf.TokenType.UNUSED)
-        tokens.append(added.content), scores.append(-1000.0), types.append(kind)
-    if len(tokens) > vocab_size:
-        raise FinetuneError(f"{folder}: the tokenizer has {len(tokens)} tokens, more than the model's {vocab_size}.")
-    while len(tokens) < vocab_size:  # the embedding has rows the tokenizer never produces
-        tokens.append(f"[PAD{len(tokens)}]"), scores.append(-1000.0), types.append(gguf.TokenType.UNUSED)
+        if i not in entries:
+            entries[i] = (added.content, -1000.0, kind)
+        elif entries[i][2] != gguf.TokenType.UNKNOWN:  # a piece the tokenizer treats as an added (special) token
+            entries[i] = (added.content, entries[i][1], kind)
+    if max(entries) >= vocab_size:
+        raise FinetuneError(f"{folder}: the tokenizer has ids up to {max(entries)}, beyond the model's {vocab_size} rows.")
+    # The embedding's rows the tokenizer never produces are UNUSED pads, as llama.cpp's converter writes them.
+    pad = lambda i: (f"[PAD{i}]", -1000.0, gguf.TokenType.UNUSED)  # noqa: E731
+    tokens, scores, types = (list(column) for column in zip(*(entries.get(i) or pad(i) for i in range(vocab_size))))
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
