@@ -47,13 +47,41 @@ def bpe_tokenizer(pre: str = "gpt-2"):
     return tokenizer
 
 
-def tiny_causal(folder: Path, arch: str = "llama", tie: bool = False, seed: int = 0, rope: dict | None = None) -> Path:
+LLAMA2_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + m['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+)
+
+
+def sentencepiece_tokenizer(folder: Path):
+    """A SentencePiece BPE with byte fallback (as Llama 2 and Mistral have), trained here; rare characters and most
+    emoji fall back to <0xNN> bytes. tokenizer.model is kept in `folder`; transformers makes its tokenizer.json."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXTS), model_prefix=str(folder / "sp"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=0.98, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2,
+    )  # fmt: skip
+    (folder / "sp.model").rename(folder / "tokenizer.model")
+    (folder / "sp.vocab").unlink()
+    tokenizer = LlamaTokenizer.from_pretrained(folder, add_bos_token=True)  # as Llama 2 and Mistral have it
+    assert tokenizer.convert_tokens_to_ids("<0x0A>") > 2 and len(tokenizer) > 256 + 3  # not an empty vocabulary
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tokenizer.chat_template = LLAMA2_TEMPLATE
+    return tokenizer
+
+
+def tiny_causal(folder: Path, arch: str = "llama", tie: bool = False, seed: int = 0, rope: dict | None = None,
+                tokenizer=None) -> Path:  # fmt: skip
     """A random Llama / Qwen2 / Qwen3 (hidden 64, 4 heads, 2 KV heads, 2 layers) with weights large enough that a
     wrong row order moves the logits far beyond rounding."""
     from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                               Qwen3ForCausalLM)  # fmt: skip
 
-    tokenizer = bpe_tokenizer("qwen2" if arch.startswith("qwen") else "gpt-2")
+    tokenizer = tokenizer or bpe_tokenizer("qwen2" if arch.startswith("qwen") else "gpt-2")
     kinds = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
     config_class, model_class = kinds[arch]
     config = config_class(
@@ -126,6 +154,44 @@ def test_round_trip_matches_the_merged_model(arch, quant, llama_dir, qwen2_dir, 
     assert (tmp_path / f"{arch}.Modelfile").is_file() and (tmp_path / f"{arch}.export_report.json").is_file()
     assert json.loads((tmp_path / f"{arch}.export_report.json").read_text())["verification"]["passed"]
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("model_file", [True, False], ids=["tokenizer.model", "tokenizer.json"])
+def test_sentencepiece_llama_round_trip(model_file, tmp_path):
+    """A Llama 2 / Mistral style tokenizer is written as llama.cpp's "llama" vocabulary (from tokenizer.model with
+    sentencepiece when the folder has it, else from tokenizer.json) and reads back with the same ids."""
+    from gguf import GGUFReader, TokenType
+    from transformers import AutoTokenizer
+
+    source = tmp_path / "model"
+    tiny_causal(source, "llama", tokenizer=sentencepiece_tokenizer(source))
+    if not model_file:
+        from sentencepiece import SentencePieceProcessor
+
+        sp = SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+        sp_scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(sp.vocab_size()) if sp.is_byte(i) is False}
+        (source / "tokenizer.model").unlink()
+    report = export_gguf(source, tmp_path / "sp.gguf", "f16")
+    v = report.verification
+    assert v["passed"] and v["tokenizer_ids_equal"] and v["decisive_top1_agreement"] == 1.0
+    assert report.tokenizer["source"] == ("tokenizer.model" if model_file else "tokenizer.json")
+    fields = {k: f.contents() for k, f in GGUFReader(tmp_path / "sp.gguf").fields.items()}
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert fields["tokenizer.ggml.model"] == "llama" and len(fields["tokenizer.ggml.scores"]) == len(tokens)
+    assert [types[tokens.index(t)] for t in ("<unk>", "<s>", "</s>", "<0x0A>", "<|end|>")] == [
+        TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL, TokenType.BYTE, TokenType.CONTROL]  # fmt: skip
+    assert fields["tokenizer.ggml.bos_token_id"] == 1 and fields["tokenizer.ggml.eos_token_id"] == tokens.index("<|end|>")
+    assert fields["tokenizer.ggml.add_bos_token"] is True
+    if not model_file:  # scores from tokenizer.json's merges rank the merged pieces as sentencepiece's own scores do
+        scores = dict(zip(tokens, fields["tokenizer.ggml.scores"]))
+        merged = [t for t, kind in zip(tokens, types) if kind == TokenType.NORMAL and len(t) > 1]
+        assert len(merged) > 20 and len({scores[t] for t in merged}) == len(merged)  # a strict order, no ties
+        assert sorted(merged, key=lambda t: -scores[t]) == sorted(merged, key=lambda t: -sp_scores[t])
+    # The ids of texts with bytes the vocabulary lacks: the file's tokenizer falls back to the same <0xNN> pieces.
+    ours, theirs = AutoTokenizer.from_pretrained(source), AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
+    text = "Grüße 🦙 🤖 Ωμέγα 我想 [INST] hi [/INST] ok<|end|>"  # 🤖 and Greek are not in TEXTS
+    assert "<0xF0>" in ours.convert_ids_to_tokens(ours(text).input_ids)
+    assert theirs(text).input_ids == ours(text).input_ids
 
 
 def test_qwen3_round_trip(tmp_path):
@@ -294,7 +360,7 @@ def test_bad_input_is_refused_before_any_work(llama_dir, tiny_bert_dir, tiny_lla
         export_gguf(tiny_bert_dir, tmp_path / "a.gguf")
     with pytest.raises(FinetuneError, match=r"--quant q3_k: not supported; choose one of f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0"):
         export_gguf(llama_dir, tmp_path / "a.gguf", "q3_k")
-    with pytest.raises(FinetuneError, match=r"a WordLevel tokenizer cannot be written to GGUF"):
+    with pytest.raises(FinetuneError, match=r"a WordLevel tokenizer cannot be written to GGUF by finetune export; it writes byte-level BPE tokenizers \(Llama 3, SmolLM2, Qwen\) and SentencePiece BPE with byte fallback \(Llama 2, Mistral\)\."):
         export_gguf(tiny_llama_dir, tmp_path / "a.gguf")  # the kit's tiny word-level tokenizer
     (tmp_path / "taken.gguf").write_bytes(b"x")
     with pytest.raises(FinetuneError, match=r"taken.gguf exists; pass --overwrite to replace it"):

@@ -256,8 +256,7 @@ def _write(file: Path, folder: Path, config: dict, arch, quant: str, src: _Sourc
     else:
         if src.source_gguf is not None:
             log.warning("The run resized the vocabulary: the tokenizer is written from tokenizer.json, not carried over.")
-        gguf_vocab.check_tokenizer(folder, None)
-        vocab = gguf_vocab.add_bpe_vocab(writer, folder, vocab_size)
+        vocab = gguf_vocab.add_vocab(writer, folder, vocab_size)
     gguf_writer.write_file(writer, folder, plans)
     return plans, vocab
 

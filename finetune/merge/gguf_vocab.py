@@ -1,5 +1,6 @@
 """The tokenizer of a GGUF file: a byte-level BPE written from the merged model's tokenizer.json (tokens, types,
-merges, llama.cpp's pre-tokenizer name, special ids, chat template), or, when the base came from a GGUF, that file's
+merges, llama.cpp's pre-tokenizer name, special ids, chat template), a SentencePiece BPE (Llama 2, Mistral) as
+llama.cpp's "llama" vocabulary (pieces, scores, types), or, when the base came from a GGUF, that file's
 tokenizer metadata carried over exactly. The EOS is the chat template's end-of-turn token, so generation stops.
 """
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,12 +66,16 @@ def check_tokenizer(folder: Path, source_gguf: Path | None) -> str:
         raise FinetuneError(f"{folder}: no tokenizer.json; a GGUF file needs the model's tokenizer.")
     spec = json.loads(path.read_text())
     model = spec.get("model", {}).get("type")
-    if model != "BPE" or spec.get("model", {}).get("byte_fallback"):
+    if model == "BPE" and spec["model"].get("byte_fallback"):
+        return "sentencepiece"
+    if model != "BPE":
         if source_gguf is not None:
             return "carried over"
         raise FinetuneError(
-            f"{path}: a {model} tokenizer{' with byte fallback (SentencePiece)' if model == 'BPE' else ''} cannot be "
-            "written to GGUF by finetune export; it writes byte-level BPE tokenizers (Llama 3, SmolLM2, Qwen)."
+            f"{path}: a {model} tokenizer cannot be written to GGUF by finetune export; it writes byte-level BPE "
+            "tokenizers (Llama 3, SmolLM2, Qwen) and SentencePiece BPE with byte fallback (Llama 2, Mistral)."
+            + (" transformers' GGUF loader reads a SentencePiece vocabulary back as BPE, so a Unigram one could not be"
+               " verified." if model == "Unigram" else "")  # fmt: skip
         )
     if _pre_name(spec.get("pre_tokenizer")) is None and source_gguf is None:
         raise FinetuneError(
@@ -94,6 +100,88 @@ def end_of_turn(tokenizer) -> str | None:
     after = text.split(marker, 1)[-1] if marker in text else ""
     specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=after.find)
     return next((t for t in specials if t and t in after), None)
+
+
+def add_vocab(writer, folder: Path, vocab_size: int) -> VocabNotes:
+    """The tokenizer of `folder` in the file: SentencePiece ("llama") or byte-level BPE ("gpt2")."""
+    if check_tokenizer(folder, None) == "sentencepiece":
+        return add_sentencepiece_vocab(writer, folder, vocab_size)
+    return add_bpe_vocab(writer, folder, vocab_size)
+
+
+def _sentencepiece_pieces(folder: Path, unk_token: str | None) -> list[tuple[str, float, int]]:
+    """(piece, score, type) in id order: from tokenizer.model as llama.cpp's `_set_vocab_sentencepiece` reads it,
+    else from tokenizer.json's BPE, a merge's score being minus its rank so that merging by score is BPE's order."""
+    import gguf
+
+    model_file = folder / "tokenizer.model"
+    if model_file.is_file():
+        from sentencepiece import SentencePieceProcessor
+
+        sp = SentencePieceProcessor(model_file=str(model_file))
+        pieces = []
+        for i in range(sp.vocab_size()):
+            kind = gguf.TokenType.NORMAL
+            if sp.is_unknown(i):
+                kind = gguf.TokenType.UNKNOWN
+            elif sp.is_control(i):
+                kind = gguf.TokenType.CONTROL
+            elif sp.is_unused(i):
+                kind = gguf.TokenType.UNUSED
+            elif sp.is_byte(i):
+                kind = gguf.TokenType.BYTE
+            pieces.append((sp.id_to_piece(i), sp.get_score(i), kind))
+        return pieces
+    model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    rank = {}
+    for r, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    unk = model.get("unk_token") or unk_token  # transformers 5 writes null there and keeps it on the tokenizer
+    pieces = []
+    for token, i in sorted(model["vocab"].items(), key=lambda kv: kv[1]):
+        kind = gguf.TokenType.NORMAL
+        if token == unk:
+            kind = gguf.TokenType.UNKNOWN
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            kind = gguf.TokenType.BYTE
+        # As SentencePiece scores its BPE pieces: merges first by rank, then the other pieces below every merge.
+        pieces.append((token, -float(rank[token] if token in rank else len(rank) + i), kind))
+    return pieces
+
+
+def add_sentencepiece_vocab(writer, folder: Path, vocab_size: int) -> VocabNotes:
+    """A SentencePiece tokenizer (Llama 2, Mistral) as llama.cpp writes it: model "llama", pieces with scores and
+    types (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE for <0xNN>), added tokens over them, special ids, add_bos."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    entries = dict(enumerate(_sentencepiece_pieces(folder, tokenizer.unk_token)))
+    for i, added in tokenizer.added_tokens_decoder.items():
+        kind = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
+        if i not in entries:
+            entries[i] = (added.content, -1000.0, kind)
+        elif entries[i][2] != gguf.TokenType.UNKNOWN:  # a piece the tokenizer treats as an added (special) token
+            entries[i] = (added.content, entries[i][1], kind)
+    if max(entries) >= vocab_size:
+        raise FinetuneError(f"{folder}: the tokenizer has ids up to {max(entries)}, beyond the model's {vocab_size} rows.")
+    # The embedding's rows the tokenizer never produces are UNUSED pads, as llama.cpp's converter writes them.
+    pad = lambda i: (f"[PAD{i}]", -1000.0, gguf.TokenType.UNUSED)  # noqa: E731
+    tokens, scores, types = (list(column) for column in zip(*(entries.get(i) or pad(i) for i in range(vocab_size))))
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(folder, n_vocab=vocab_size)
+    # add_bos/add_eos as the tokenizer behaves (transformers 5's add_bos_token attribute can say False while its
+    # post-processor adds <s>), so that llama.cpp adds what the model was trained with.
+    ids = tokenizer("a")["input_ids"]
+    special.add_special_token["bos"] = bool(ids) and ids[0] == tokenizer.bos_token_id
+    special.add_special_token["eos"] = bool(ids) and ids[-1] == tokenizer.eos_token_id
+    source = "tokenizer.model" if (folder / "tokenizer.model").is_file() else "tokenizer.json"
+    return _finish(writer, special, tokenizer, VocabNotes(source, "llama", "default", vocab_size, None), tokens)
 
 
 def add_bpe_vocab(writer, folder: Path, vocab_size: int) -> VocabNotes:
@@ -123,7 +211,11 @@ def add_bpe_vocab(writer, folder: Path, vocab_size: int) -> VocabNotes:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
-    notes = VocabNotes("tokenizer.json", "gpt2", pre, vocab_size, None)
+    return _finish(writer, special, tokenizer, VocabNotes("tokenizer.json", "gpt2", pre, vocab_size, None), tokens)
+
+
+def _finish(writer, special, tokenizer, notes: VocabNotes, tokens: list[str]) -> VocabNotes:
+    """Special ids (the EOS being the chat template's end-of-turn token) and the chat template, into the file."""
     eot = end_of_turn(tokenizer)
     if eot is not None:
         eot_id = tokenizer.convert_tokens_to_ids(eot)
@@ -134,7 +226,7 @@ def add_bpe_vocab(writer, folder: Path, vocab_size: int) -> VocabNotes:
         special.chat_template = tokenizer.chat_template
     special.add_to_gguf(writer, quiet=True)
     eos_id = special.special_token_ids.get("eos")
-    notes.eos_token = reverse.get(eos_id) if eos_id is not None else None
+    notes.eos_token = tokens[eos_id] if eos_id is not None and eos_id < len(tokens) else None
     return notes
 
 
