@@ -31,7 +31,7 @@ from finetune.errors import FinetuneError
 SPLITS = ("train", "eval")
 LISTED_PAIRS = 1000  # pairs kept in data_report.json (all are counted); the markdown and HTML show the first 20
 SHOWN = 20
-BATCHINGS = ("padded", "padding_free", "packed", "blocks", "images")
+BATCHINGS = ("padded", "padding_free", "packed", "blocks", "images", "pairs")  # pairs: chosen and rejected padded together
 
 
 @dataclass
@@ -490,6 +490,8 @@ def _batching_line(b: dict) -> str:
         line += f"; at least {b['sequences']:,} packed sequences"
     if b["mode"] == "blocks":
         line += f"; {b['sequences']:,} blocks, {b['tokens_left_over']:,} tokens left over"
+    if b["mode"] == "pairs":
+        line += "; each pair's chosen and rejected sequences padded to the batch's longest"
     return line
 
 
