@@ -402,7 +402,8 @@ class Report:
                     if mask.any():
                         ax.hist(column[mask], bins=bins, alpha=0.6, label=f"{split} ({int(mask.sum()):,} rows)",
                                 weights=np.full(int(mask.sum()), 1.0 / mask.sum()))
-                if self.facts.max_length and self.facts.batching != "blocks":
+                # A pair's tokens are its prompt and both answers: max_length bounds each sequence, not their sum.
+                if self.facts.max_length and self.facts.batching not in ("blocks", "pairs"):
                     ax.axvline(self.facts.max_length, color="crimson", linestyle="--", label=f"max_length {self.facts.max_length}")
                 ax.set(xlabel=label, ylabel="share of the split's rows")
                 ax.legend(fontsize=8)
