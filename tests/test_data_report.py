@@ -333,3 +333,94 @@ def test_training_does_not_read_large_data_twice(tiny_llama_dir, tmp_path, token
     assert "computed" not in read and read["verdict"]
     monkeypatch.setattr(report, "TRAIN_REPORT_MAX_BYTES", 100)
     assert report.run_record(recipe, unread, tokenizer) == read  # large again, but cached: reused
+
+
+def preference_files(tmp_path):
+    """Text pairs, one held-out pair repeating training pair 6; returns the recipe and the planted (row, repeats)."""
+    rng = random.Random(3)
+    train = [{"prompt": " ".join(words(rng, 8)), "chosen": " ".join(words(rng, 6)), "rejected": " ".join(words(rng, 5))}
+             for _ in range(12)]
+    held = [{"prompt": " ".join(words(rng, 8)), "chosen": " ".join(words(rng, 6)), "rejected": " ".join(words(rng, 5))}
+            for _ in range(3)] + [dict(train[5])]
+    t, e = write_jsonl(tmp_path / "pairs_train.jsonl", train), write_jsonl(tmp_path / "pairs_eval.jsonl", held)
+    return t, e, (f"{e}, row 4", f"{t}, row 6", "exact")
+
+
+def preference_recipe(tiny_llama_dir, tmp_path, train, held) -> dict:
+    recipe = sft_recipe(tiny_llama_dir, tmp_path, data={"train": str(train), "eval": str(held), "max_length": 64})
+    recipe["task"] = "preference"
+    return recipe
+
+
+def test_preference_pairs_leakage_and_trained_tokens_equal_the_tasks_rows(tiny_llama_dir, tmp_path, tokenizer):
+    from finetune.runtime import resolve_runtime
+    from finetune.tasks.preference import PreferenceTask
+
+    train, held, leak = preference_files(tmp_path)
+    recipe = validate_recipe(preference_recipe(tiny_llama_dir, tmp_path, train, held))
+    s = collect(PreferenceTask.data_facts(recipe, tokenizer)).summary
+    assert pairs(s["leakage"]) == {leak} and s["duplicates"]["rows"] == 0
+    assert s["verdict"].startswith("1 held-out row also appears in training")
+    assert s["batching"] == {"mode": "pairs", "micro_batch_size": recipe.train.micro_batch_size,
+                             "batches_per_epoch": -(-12 // recipe.train.micro_batch_size)}
+    # The task's own prepared rows (prepare_data, as training reads them): the answers are what carries the loss.
+    task = PreferenceTask(recipe, resolve_runtime(recipe))
+    task.prepare_data(tokenizer, str(tiny_llama_dir), None)
+    for split, ds in (("train", task.train_dataset), ("eval", task.eval_dataset)):
+        answers = sum(len(c) + len(r) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"]))
+        assert s["splits"][split]["rows"] == len(ds)
+        assert s["splits"][split]["trained_tokens_kept"] == answers
+        assert s["splits"][split]["tokens_kept"] == sum(map(len, ds["prompt_ids"])) + answers
+        assert s["splits"][split]["tokens_cut"] == 0
+    sample, first = s["samples"][0], task.train_dataset[0]
+    assert [state for _, state in sample["segments"]] == ["context", "trained"]
+    assert sample["segments"][1][0] == tokenizer.decode(first["chosen_ids"])
+
+
+def test_preference_rows_over_max_length_are_bad_rows_never_cut(tiny_llama_dir, tmp_path, tokenizer):
+    from finetune.errors import DataError
+    from finetune.tasks.preference import PreferenceTask
+
+    train, held, _ = preference_files(tmp_path)
+    long = {"prompt": " ".join(["w1"] * 80), "chosen": "w2", "rejected": "w3"}
+    write_jsonl(train, [*(json.loads(line) for line in train.read_text().splitlines()), long])
+    recipe = preference_recipe(tiny_llama_dir, tmp_path, train, held)
+    with pytest.raises(DataError, match=rf"{train}, row 13: the prompt and chosen answer are \d+ tokens, over data.max_length=64"):
+        collect(PreferenceTask.data_facts(validate_recipe(recipe), tokenizer))
+    recipe["data"]["on_bad_row"] = "skip"
+    s = collect(PreferenceTask.data_facts(validate_recipe(recipe), tokenizer)).summary
+    assert s["skipped_rows"] == 1 and s["splits"]["train"]["rows"] == 12 and s["splits"]["train"]["truncated_rows"] == 0
+
+
+def test_command_writes_the_report_for_preference_pairs(tiny_llama_dir, tmp_path, capsys):
+    from finetune.cli import main
+
+    train, held, _ = preference_files(tmp_path)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(preference_recipe(tiny_llama_dir, tmp_path, train, held)))
+    assert main(["data", str(path)]) == 0
+    out = tmp_path / "out-data"
+    assert sorted(p.name for p in out.iterdir()) == ["data_report.html", "data_report.json", "data_report.md", "lengths.png"]
+    summary = json.loads((out / "data_report.json").read_text())
+    assert summary["leakage"]["rows"] == 1 and capsys.readouterr().out.startswith(f"Verdict: {summary['verdict']}\n")
+
+
+def test_preference_kto_rows_and_eval_fraction_are_trainings(tiny_llama_dir, tmp_path, tokenizer):
+    """KTO trains each pair as two unpaired rows; data.eval_fraction holds out the pairs prepare_data holds out."""
+    from finetune.runtime import resolve_runtime
+    from finetune.tasks.preference import PreferenceTask
+
+    train, _, _ = preference_files(tmp_path)
+    recipe = preference_recipe(tiny_llama_dir, tmp_path, train, train)
+    recipe["data"] = {"train": str(train), "eval_fraction": 0.25, "max_length": 64}
+    recipe["preference"] = {"loss": "kto"}
+    recipe = validate_recipe(recipe)
+    s = collect(PreferenceTask.data_facts(recipe, tokenizer)).summary
+    task = PreferenceTask(recipe, resolve_runtime(recipe))
+    task.prepare_data(tokenizer, str(tiny_llama_dir), None)
+    assert s["batching"]["mode"] == "padded"
+    for split, ds in (("train", task.train_dataset), ("eval", task.eval_dataset)):
+        assert s["splits"][split]["rows"] == len(ds)
+        assert s["splits"][split]["trained_tokens_kept"] == sum(map(len, ds["completion_ids"]))
+        assert s["splits"][split]["tokens_kept"] == sum(map(len, ds["prompt_ids"])) + sum(map(len, ds["completion_ids"]))
+    assert s["splits"]["train"]["rows"] == 18 and s["leakage"]["rows"] == 0

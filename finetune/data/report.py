@@ -31,7 +31,7 @@ from finetune.errors import FinetuneError
 SPLITS = ("train", "eval")
 LISTED_PAIRS = 1000  # pairs kept in data_report.json (all are counted); the markdown and HTML show the first 20
 SHOWN = 20
-BATCHINGS = ("padded", "padding_free", "packed", "blocks", "images")
+BATCHINGS = ("padded", "padding_free", "packed", "blocks", "images", "pairs")  # pairs: chosen and rejected padded together
 
 
 @dataclass
@@ -402,7 +402,8 @@ class Report:
                     if mask.any():
                         ax.hist(column[mask], bins=bins, alpha=0.6, label=f"{split} ({int(mask.sum()):,} rows)",
                                 weights=np.full(int(mask.sum()), 1.0 / mask.sum()))
-                if self.facts.max_length and self.facts.batching != "blocks":
+                # A pair's tokens are its prompt and both answers: max_length bounds each sequence, not their sum.
+                if self.facts.max_length and self.facts.batching not in ("blocks", "pairs"):
                     ax.axvline(self.facts.max_length, color="crimson", linestyle="--", label=f"max_length {self.facts.max_length}")
                 ax.set(xlabel=label, ylabel="share of the split's rows")
                 ax.legend(fontsize=8)
@@ -490,6 +491,8 @@ def _batching_line(b: dict) -> str:
         line += f"; at least {b['sequences']:,} packed sequences"
     if b["mode"] == "blocks":
         line += f"; {b['sequences']:,} blocks, {b['tokens_left_over']:,} tokens left over"
+    if b["mode"] == "pairs":
+        line += "; each pair's chosen and rejected sequences padded to the batch's longest"
     return line
 
 

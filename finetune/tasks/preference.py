@@ -62,11 +62,70 @@ def read_preference_rows(recipe: Recipe, sources: list[DataSource], tokenizer=No
     return tokenize_preference_rows(rows, tokenizer, recipe.data)
 
 
+def report_facts(recipe: Recipe, tokenizer):
+    """The pairs as `prepare_data` reads them, one `RowFacts` each (KTO: each unpaired row it trains on), for the
+    data report: the same reading, templating, held-out split and max_length rule (a longer row is a bad row, never
+    cut). A pair's text is its prompt and both answers; its trained tokens both answers; it renders as the chosen
+    sequence."""
+    from finetune.data.report import DataFacts, RowFacts, Tally
+
+    data = recipe.data
+    train, train_tokens = read_preference_rows(recipe, data.train, tokenizer)
+    groups = [("train", train, train_tokens)]
+    skipped, problems = train.skipped, list(train.problems)
+    if data.eval:
+        held, held_tokens = read_preference_rows(recipe, data.eval, tokenizer)
+        groups.append(("eval", held, held_tokens))
+        skipped, problems = skipped + held.skipped, problems + held.problems
+    items = [(split, row, tokens, origin) for split, rows, tokens_list in groups
+             for row, tokens, origin in zip(rows.rows, tokens_list, rows.origins)]
+    if data.eval_fraction and not data.eval:
+        from finetune.data.rows import held_out_order
+
+        held_rows = set(held_out_order(len(items), data.eval_fraction, data.seed))
+        items = [("eval" if i in held_rows else split, *rest) for i, (split, *rest) in enumerate(items)]
+
+    kto = recipe.preference.loss == "kto"
+
+    def rows():
+        for split, row, tokens, origin in items:
+            if kto and "chosen_ids" in tokens:  # KTO trains a pair as two unpaired rows, as `as_unpaired` makes them
+                for unpaired, answer in zip(as_unpaired([tokens]), ("chosen", "rejected")):
+                    yield facts(split, {"prompt": row["prompt"], "completion": row[answer]}, unpaired, origin)
+            else:
+                yield facts(split, row, tokens, origin)
+
+    def facts(split: str, row: dict, tokens: dict, origin: str) -> RowFacts:
+        answers = [tokens[k] for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in tokens]
+        prompt, trained = tokens["prompt_ids"], sum(len(a) for a in answers)
+        answer_text = "\n".join(row[k] for k in ("chosen", "rejected", "completion") if k in row)
+        return RowFacts(split=split, origin=origin, text=f"{_words(row['prompt'])}\n{answer_text}",
+                        tokens=len(prompt) + trained, trained=trained, kept=len(prompt) + trained,
+                        trained_kept=trained, ids=prompt + answers[0],
+                        trained_mask=[False] * len(prompt) + [True] * len(answers[0]))
+
+    # Pairs: a batch holds each pair's chosen and rejected sequences, padded together; KTO's rows are padded rows.
+    return DataFacts(rows=rows(), batching="padded" if kto else "pairs", max_length=data.max_length,
+                     micro_batch_size=recipe.train.micro_batch_size, tally=Tally(skipped, problems),
+                     decode=tokenizer.decode, drop_stops_training=data.on_bad_row == "error")
+
+
+def _words(prompt) -> str:
+    """A prompt's words for duplicates: its text, or its messages less the system prompt (which every row may share)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt if m["role"] != "system")
+
+
 class PreferenceTask(Task):
     """Pairs (or KTO's unpaired rows) scored by a preference loss through TRL's trainers; a LoRA on the base, or the
     SFT run's LoRA continued."""
 
     peft_task_type = "CAUSAL_LM"
+
+    @classmethod
+    def data_facts(cls, recipe: Recipe, tokenizer=None):
+        return report_facts(recipe, tokenizer)
 
     @classmethod
     def read_rows(cls, recipe: Recipe, sources: list[DataSource], tokenizer=None):
