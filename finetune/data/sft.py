@@ -363,6 +363,16 @@ def check_stop_token(tokenizer, generation_config) -> tuple[list[int], str | Non
     return [*eos_ids, turn_end], note
 
 
+def set_stop_tokens(generation_config, tokenizer) -> str | None:
+    """Generation stops on the chat template's end-of-turn token (`check_stop_token`) and pads with the tokenizer's
+    pad token; returns the note to warn with when the stop tokens had to change."""
+    eos_ids, note = check_stop_token(tokenizer, generation_config)
+    generation_config.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    return note
+
+
 def tokenize_rows(
     rows: list[dict], tokenizer, train_on_inputs: bool, cache: Path | None = None, on_main_first=None,
     rows_fingerprint: str | None = None,

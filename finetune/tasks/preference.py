@@ -160,14 +160,11 @@ class PreferenceTask(Task):
 
     def prepare_model(self, model, tokenizer) -> list[str]:
         """Generation stops on the chat template's end-of-turn token, as after SFT."""
-        from finetune.data.sft import check_stop_token
+        from finetune.data.sft import set_stop_tokens
 
-        eos_ids, note = check_stop_token(tokenizer, model.generation_config)
+        note = set_stop_tokens(model.generation_config, tokenizer)
         if note and self.runtime.is_main:
             log.warning("End of turn: %s", note)
-        model.generation_config.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
-        if model.generation_config.pad_token_id is None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
         return []
 
     def attach_adapter(self, model, heads: list[str]):

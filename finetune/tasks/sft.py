@@ -178,7 +178,7 @@ class SFTTask(Task):
     def prepare_model(self, model, tokenizer) -> list[str]:
         """Generation must stop on the chat template's end-of-turn token, or the fine-tuned model rambles on.
         Padding-free batches need attention that keeps the examples of a row apart at the cost of each."""
-        from finetune.data.sft import check_stop_token
+        from finetune.data.sft import set_stop_tokens
         from finetune.dtypes import torch_dtype
         from finetune.models.attention import PACKED, PACKED_SDPA, PACKED_VARLEN, use_packed_attention, varlen_usable
 
@@ -204,12 +204,9 @@ class SFTTask(Task):
         else:
             self.batching_note = "packed into max_length rows (data.packing)" if self.recipe.data.packing else "padded"
 
-        eos_ids, note = check_stop_token(tokenizer, model.generation_config)
+        note = set_stop_tokens(model.generation_config, tokenizer)
         if note and self.runtime.is_main:
             log.warning("End of turn: %s", note)
-        model.generation_config.eos_token_id = eos_ids if len(eos_ids) > 1 else eos_ids[0]
-        if model.generation_config.pad_token_id is None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
         return []
 
     def trainer_config(self) -> tuple[type, dict]:
