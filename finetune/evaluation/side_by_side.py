@@ -157,21 +157,26 @@ def _tokenizer(source: EvalSource):
     return load_tokenizer(source.recipe, str(source.tokenizer_dir or resolve_model_path(source.recipe.model)))
 
 
+def _held_out_sources(recipe, data: str | None) -> tuple[list[DataSource], str, bool]:
+    """Where the held-out rows come from: `--data`, else `data.eval`, else `data.train` to split by
+    `data.eval_fraction`; with the name the report gives them and whether the split is still to make."""
+    if data is not None:
+        return [DataSource(path=data)], data, False
+    if recipe.data.eval:
+        return recipe.data.eval, ", ".join(s.path for s in recipe.data.eval), False
+    if recipe.data.eval_fraction:
+        name = f"{recipe.data.eval_fraction:g} of {', '.join(s.path for s in recipe.data.train)} (seed {recipe.data.seed})"
+        return recipe.data.train, name, True
+    raise DataError("no held-out data: the recipe has no data.eval or data.eval_fraction; give --data FILE.")
+
+
 def held_out_rows(source: EvalSource, data: str | None, tokenizer, limit: int | None) -> tuple[list[dict], str]:
     """The rows to score: `--data`, else the recipe's `data.eval`, else its seeded `data.eval_fraction` split of
     `data.train` (the rows training held out), read and checked as training reads them."""
     from finetune.data.rows import split_rows
 
     recipe = source.recipe
-    if data is not None:
-        sources, name, split = [DataSource(path=data)], data, False
-    elif recipe.data.eval:
-        sources, name, split = recipe.data.eval, ", ".join(s.path for s in recipe.data.eval), False
-    elif recipe.data.eval_fraction:
-        sources, split = recipe.data.train, True
-        name = f"{recipe.data.eval_fraction:g} of {', '.join(s.path for s in recipe.data.train)} (seed {recipe.data.seed})"
-    else:
-        raise DataError("no held-out data: the recipe has no data.eval or data.eval_fraction; give --data FILE.")
+    sources, name, split = _held_out_sources(recipe, data)
     if source.scoring == "classifier":
         from finetune.data.classification import check_labels, load_classification_rows
 
@@ -196,15 +201,7 @@ def held_out_pairs(source: EvalSource, data: str | None, tokenizer, limit: int |
     from finetune.data.rows import split_rows
 
     recipe = source.recipe
-    if data is not None:
-        sources, name, split = [DataSource(path=data)], data, False
-    elif recipe.data.eval:
-        sources, name, split = recipe.data.eval, ", ".join(s.path for s in recipe.data.eval), False
-    elif recipe.data.eval_fraction:
-        sources, split = recipe.data.train, True
-        name = f"{recipe.data.eval_fraction:g} of {', '.join(s.path for s in recipe.data.train)} (seed {recipe.data.seed})"
-    else:
-        raise DataError("no held-out data: the recipe has no data.eval or data.eval_fraction; give --data FILE.")
+    sources, name, split = _held_out_sources(recipe, data)
     rows, tokens = tokenize_preference_rows(load_preference_rows(sources, recipe.data), tokenizer, recipe.data)
     if "chosen" not in rows.rows[0]:
         raise DataError(f"{name}: pair accuracy needs pairs (prompt, chosen, rejected); these rows are unpaired.")
